@@ -1,0 +1,252 @@
+// CPU k-means: dispatch to the per-ISA distance kernels, OpenMP over blocks of rows, and the parts of Lloyd's
+// algorithm and k-means++ that are not distance computations. Every reduction runs in a fixed order over
+// fixed blocks, so a seed gives bitwise-identical results for any OMP_NUM_THREADS.
+#include "kmeans_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+#include "kmeans_common.h"
+
+namespace kclip::cpu {
+
+extern const IsaKernels generic_kernels;
+#if defined(KCLIP_HAVE_X86_ISA)
+extern const IsaKernels avx2_kernels;
+extern const IsaKernels avx512_kernels;
+#endif
+
+const IsaKernels& isa_kernels() {
+#if defined(KCLIP_HAVE_X86_ISA)
+  static const IsaKernels& chosen = []() -> const IsaKernels& {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return avx512_kernels;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2_kernels;
+    return generic_kernels;
+  }();
+  return chosen;
+#else
+  return generic_kernels;
+#endif
+}
+
+namespace {
+
+constexpr int64_t kBlock = 768;        // rows per OpenMP task in distance passes
+constexpr int64_t kSumBlock = 4096;    // rows per partial sum in fixed-order reductions
+constexpr int64_t kColumnChunk = 64;   // coordinates per task in the centroid update
+
+// SplitMix64: small, fast, and the same sequence everywhere for a seed.
+struct Rng {
+  uint64_t state;
+  uint64_t next() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * (1.0 / 9007199254740992.0); }
+  int64_t below(int64_t n) { return static_cast<int64_t>(uniform() * static_cast<double>(n)) % n; }
+};
+
+// Sum of f(i) for i in [0, n), by fixed blocks summed in order: independent of the thread count.
+template <typename F>
+double fixed_order_sum(int64_t n, F f) {
+  const int64_t blocks = tile_count(n, kSumBlock);
+  std::vector<double> partial(blocks);
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    double s = 0.0;
+    const int64_t end = std::min(n, (b + 1) * kSumBlock);
+    for (int64_t i = b * kSumBlock; i < end; ++i) s += f(i);
+    partial[b] = s;
+  }
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+// Squared distances of every row to each of the `m` packed centroids: out [n][m].
+void distances_to(const float* x, int64_t n, const float* x_norm, const PackedCentroids& c, float* out) {
+  const IsaKernels& isa = isa_kernels();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < tile_count(n, kBlock); ++b) {
+    const int64_t r0 = b * kBlock;
+    isa.dist_rows(x + r0 * c.d, tile_extent(n, kBlock, b), x_norm + r0, c, out + r0 * c.k, c.k);
+  }
+}
+
+}  // namespace
+
+PackedCentroids pack_centroids(const float* c, int64_t k, int64_t d) {
+  PackedCentroids p;
+  p.k = k;
+  p.d = d;
+  p.panels = tile_count(k, kPanel);
+  p.data.assign(p.panels * d * kPanel, 0.0f);
+  p.norm.assign(p.panels * kPanel, INFINITY);
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t panel = j / kPanel, lane = j % kPanel;
+    float* dst = p.data.data() + panel * d * kPanel + lane;
+    const float* src = c + j * d;
+    float norm = 0.0f;
+    for (int64_t t = 0; t < d; ++t) {
+      dst[t * kPanel] = src[t];
+      norm += src[t] * src[t];
+    }
+    p.norm[j] = norm;
+  }
+  return p;
+}
+
+void row_sq_norms(const float* x, int64_t n, int64_t d, float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = x + i * d;
+    float s = 0.0f;
+    for (int64_t t = 0; t < d; ++t) s += row[t] * row[t];
+    out[i] = s;
+  }
+}
+
+void assign(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels, float* dist) {
+  const PackedCentroids packed = pack_centroids(c, k, d);
+  std::vector<float> x_norm(n);
+  row_sq_norms(x, n, d, x_norm.data());
+  const IsaKernels& isa = isa_kernels();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < tile_count(n, kBlock); ++b) {
+    const int64_t r0 = b * kBlock;
+    isa.assign_rows(x + r0 * d, tile_extent(n, kBlock, b), x_norm.data() + r0, packed, labels + r0, dist + r0);
+  }
+}
+
+void accumulate(const float* x, int64_t n, int64_t d, const int64_t* labels, int64_t k, double* sums,
+                int64_t* counts) {
+  std::fill(counts, counts + k, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t l = labels[i];
+    if (l < 0 || l >= k) {
+      throw std::invalid_argument("labels: entry " + std::to_string(i) + " is " + std::to_string(l) +
+                                  ", outside [0, " + std::to_string(k) + ")");
+    }
+    ++counts[l];
+  }
+  // Stable counting sort: members of each cluster in row order.
+  std::vector<int64_t> start(k + 1, 0), cursor(k), order(n);
+  std::partial_sum(counts, counts + k, start.begin() + 1);
+  std::copy(start.begin(), start.end() - 1, cursor.begin());
+  for (int64_t i = 0; i < n; ++i) order[cursor[labels[i]]++] = i;
+
+  const int64_t chunks = tile_count(d, kColumnChunk);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < k * chunks; ++task) {
+    const int64_t cl = task / chunks, c0 = (task % chunks) * kColumnChunk;
+    const int64_t width = tile_extent(d, kColumnChunk, task % chunks);
+    double acc[kColumnChunk] = {};
+    for (int64_t m = start[cl]; m < start[cl + 1]; ++m) {
+      const float* row = x + order[m] * d + c0;
+      for (int64_t t = 0; t < width; ++t) acc[t] += row[t];
+    }
+    std::copy(acc, acc + width, sums + cl * d + c0);
+  }
+}
+
+void kmeanspp(const float* x, int64_t n, int64_t d, int64_t k, uint64_t seed, int n_trials, int64_t* out) {
+  if (n_trials < 1) throw std::invalid_argument("n_trials: must be at least 1, got " + std::to_string(n_trials));
+  Rng rng{seed};
+  std::vector<float> x_norm(n);
+  row_sq_norms(x, n, d, x_norm.data());
+
+  out[0] = rng.below(n);
+  std::vector<float> closest(n);
+  distances_to(x, n, x_norm.data(), pack_centroids(x + out[0] * d, 1, d), closest.data());
+  double potential = fixed_order_sum(n, [&](int64_t i) { return static_cast<double>(closest[i]); });
+
+  std::vector<double> cumulative(n);
+  std::vector<float> cand_rows(static_cast<size_t>(n_trials) * d), cand_dist(static_cast<size_t>(n) * n_trials);
+  std::vector<int64_t> cand(n_trials);
+  for (int64_t c = 1; c < k; ++c) {
+    // Draw candidates with probability proportional to the squared distance to the closest chosen centre.
+    double run = 0.0;
+    for (int64_t i = 0; i < n; ++i) cumulative[i] = (run += closest[i]);
+    for (int t = 0; t < n_trials; ++t) {
+      if (potential > 0.0) {
+        const double r = rng.uniform() * run;
+        const int64_t i = std::upper_bound(cumulative.begin(), cumulative.end(), r) - cumulative.begin();
+        cand[t] = std::min(i, n - 1);
+      } else {
+        cand[t] = rng.below(n);  // every point already sits on a centre
+      }
+      std::copy(x + cand[t] * d, x + (cand[t] + 1) * d, cand_rows.begin() + t * d);
+    }
+    distances_to(x, n, x_norm.data(), pack_centroids(cand_rows.data(), n_trials, d), cand_dist.data());
+    // Keep the candidate that lowers the potential most (ties: the earlier candidate).
+    int best = 0;
+    double best_potential = INFINITY;
+    for (int t = 0; t < n_trials; ++t) {
+      const double pot = fixed_order_sum(
+          n, [&](int64_t i) { return static_cast<double>(std::min(closest[i], cand_dist[i * n_trials + t])); });
+      if (pot < best_potential) {
+        best_potential = pot;
+        best = t;
+      }
+    }
+    out[c] = cand[best];
+    potential = best_potential;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) closest[i] = std::min(closest[i], cand_dist[i * n_trials + best]);
+  }
+}
+
+void soft_assign(const float* x, int64_t n, int64_t d, const float* c, int64_t k, float inv_temperature,
+                 int64_t top_k, float* dense_out, int64_t* topk_idx, float* topk_w) {
+  const PackedCentroids packed = pack_centroids(c, k, d);
+  std::vector<float> x_norm(n);
+  row_sq_norms(x, n, d, x_norm.data());
+  const IsaKernels& isa = isa_kernels();
+  // Rows per task so one task's distance scratch stays near 1 MB even for k = 65536.
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(kBlock, (int64_t{1} << 18) / k));
+#pragma omp parallel
+  {
+    std::vector<float> scratch(static_cast<size_t>(rows) * k);
+    std::vector<int64_t> idx(top_k > 0 ? k : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < tile_count(n, rows); ++b) {
+      const int64_t r0 = b * rows, nr = tile_extent(n, rows, b);
+      isa.dist_rows(x + r0 * d, nr, x_norm.data() + r0, packed, scratch.data(), k);
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* dist = scratch.data() + r * k;
+        const float dmin = *std::min_element(dist, dist + k);
+        if (top_k == 0) {
+          float* p = dense_out + (r0 + r) * k;
+          double total = 0.0;
+          for (int64_t j = 0; j < k; ++j) total += (p[j] = std::exp(-(dist[j] - dmin) * inv_temperature));
+          const float inv = static_cast<float>(1.0 / total);
+          for (int64_t j = 0; j < k; ++j) p[j] *= inv;
+        } else {
+          std::iota(idx.begin(), idx.end(), int64_t{0});
+          std::partial_sort(idx.begin(), idx.begin() + top_k, idx.end(), [&](int64_t a, int64_t b2) {
+            return dist[a] < dist[b2] || (dist[a] == dist[b2] && a < b2);
+          });
+          float* w = topk_w + (r0 + r) * top_k;
+          int64_t* ix = topk_idx + (r0 + r) * top_k;
+          double total = 0.0;
+          for (int64_t t = 0; t < top_k; ++t) {
+            ix[t] = idx[t];
+            total += (w[t] = std::exp(-(dist[idx[t]] - dmin) * inv_temperature));
+          }
+          const float inv = static_cast<float>(1.0 / total);
+          for (int64_t t = 0; t < top_k; ++t) w[t] *= inv;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace kclip::cpu

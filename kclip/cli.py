@@ -1,0 +1,36 @@
+"""The `kclip` command line. Subcommands: info (later issues add data, teacher, concepts, train, eval, run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    from kclip.info import collect, format_report
+
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kclip", description="Knowledge-CLIP: train and evaluate, fast.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, and which accelerated backends are usable here and why not")
+    info.add_argument("--json", action="store_true", help="print the report as JSON")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
