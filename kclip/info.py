@@ -63,9 +63,7 @@ def collect() -> dict[str, Any]:
         "kclip": _version("kclip"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "versions": {
-            name: _version(name) for name in ("torch", "triton", "numpy", "open_clip_torch", "transformers")
-        },
+        "versions": {name: _version(name) for name in ("torch", "triton", "numpy", "open_clip_torch", "transformers")},
         "torch_cuda": torch.version.cuda,
         "compiled_cpu": {"usable": km["cpu"], "isa": km["cpu_isa"], "why": km["compiled_error"]},
         "compiled_cuda": {
