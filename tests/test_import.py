@@ -3,11 +3,16 @@ test/test_lean_import.py)."""
 
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    # Run away from the checkout so that `python -c` imports the installed kclip, not the source tree.
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, cwd=cwd
+        )
 
 
 def test_import_initialises_no_cuda_and_loads_no_accelerator():

@@ -156,11 +156,14 @@ print(hashlib.sha256(km.centroids.numpy().tobytes()).hexdigest(), repr(km.object
 """
 
 
-def test_seeded_fit_is_bitwise_identical_across_runs_and_thread_counts():
+def test_seeded_fit_is_bitwise_identical_across_runs_and_thread_counts(tmp_path):
     outputs = set()
     for threads in ("1", "2", "2"):
         env = dict(os.environ, OMP_NUM_THREADS=threads)
-        r = subprocess.run([sys.executable, "-c", _FIT_AND_HASH], capture_output=True, text=True, env=env, timeout=300)
+        # cwd away from the checkout, so `python -c` imports the installed kclip rather than the source tree
+        r = subprocess.run(
+            [sys.executable, "-c", _FIT_AND_HASH], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+        )
         assert r.returncode == 0, r.stderr
         outputs.add(r.stdout.strip())
     assert len(outputs) == 1, outputs
