@@ -6,7 +6,9 @@
 // slice in L2. A micro-tile holds MR x 16 dot products in vector registers (one FMA per row and coordinate:
 // the x value broadcast against one vector load of the panel). Every (row, centroid) dot is summed in
 // coordinate order whatever the blocking and the thread count, so results are reproducible.
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kmeans_common.h"
 #include "kmeans_cpu.h"
@@ -30,8 +32,9 @@ static inline void micro_tile(const float* const* rows, const float* panel, int6
   for (int r = 0; r < MR; ++r) dots[r] = a[r];
 }
 
-// Calls visit(row, panel, distances[16]) for every row of [0, n) and every panel, panel by panel within a
-// block of rows, so visits to one row come in increasing centroid order.
+// Calls visit(row, panel, distances) for every row of [0, n) and every panel, panel by panel within a block of
+// rows, so visits to one row come in increasing centroid order. `distances` holds the 16 squared distances of
+// the panel as one vector (lanes past k carry +inf through their infinite norm).
 template <typename Visit>
 static inline void for_each_panel(const float* x, int64_t n, const float* x_norm, const PackedCentroids& c,
                                   Visit visit) {
@@ -58,10 +61,12 @@ static inline void for_each_panel(const float* x, int64_t n, const float* x_norm
           for (int64_t r = 0; r < mr; ++r) dots[r0 + r] = acc[r];
         }
       }
-      const float* cn = c.norm.data() + p * kPanel;
+      v16 cn;
+      std::memcpy(&cn, c.norm.data() + p * kPanel, sizeof(v16));
       for (int64_t r = 0; r < nb; ++r) {
-        float dist[kPanel];
-        for (int j = 0; j < kPanel; ++j) dist[j] = sq_dist_from_dot(x_norm[b0 + r], cn[j], dots[r][j]);
+        // sq_dist_from_dot (kmeans_common.h), sixteen lanes at a time: the same operations in the same order.
+        v16 dist = (x_norm[b0 + r] - 2.0f * dots[r]) + cn;
+        dist = dist > 0.0f ? dist : v16{};
         visit(b0 + r, p, dist);
       }
     }
@@ -70,23 +75,37 @@ static inline void for_each_panel(const float* x, int64_t n, const float* x_norm
 
 static void assign_rows(const float* x, int64_t n, const float* x_norm, const PackedCentroids& c, int64_t* labels,
                         float* dist) {
+  // A running minimum per lane (centroid 16p + lane of the best panel p so far); panels come in increasing
+  // order and only a strictly smaller distance replaces, so each lane keeps the lowest index of its minimum.
+  typedef int32_t i16v __attribute__((vector_size(64), aligned(4)));
+  std::vector<v16> best(n);
+  std::vector<i16v> best_panel(n);
   for (int64_t r = 0; r < n; ++r) {
-    labels[r] = -1;
-    dist[r] = argmin_init().value;
+    best[r] = v16{} + INFINITY;
+    best_panel[r] = i16v{};
   }
-  for_each_panel(x, n, x_norm, c, [&](int64_t r, int64_t p, const float* dv) {
-    ArgMin best{dist[r], labels[r]};
-    const int64_t valid = tile_extent(c.k, kPanel, p);
-    for (int64_t j = 0; j < valid; ++j) best = argmin_update(best, dv[j], p * kPanel + j);
-    labels[r] = best.index;
-    dist[r] = best.value;
+  for_each_panel(x, n, x_norm, c, [&](int64_t r, int64_t p, v16 dv) {
+    const auto better = dv < best[r];
+    best[r] = better ? dv : best[r];
+    best_panel[r] = better ? (i16v{} + static_cast<int32_t>(p)) : best_panel[r];
   });
+  for (int64_t r = 0; r < n; ++r) {
+    ArgMin a = argmin_init();
+    for (int lane = 0; lane < kPanel; ++lane) {
+      const int64_t index = static_cast<int64_t>(best_panel[r][lane]) * kPanel + lane;
+      if (index < c.k) a = argmin_update(a, best[r][lane], index);
+    }
+    labels[r] = a.index;
+    dist[r] = a.value;
+  }
 }
 
 static void dist_rows(const float* x, int64_t n, const float* x_norm, const PackedCentroids& c, float* out,
                       int64_t ldo) {
-  for_each_panel(x, n, x_norm, c, [&](int64_t r, int64_t p, const float* dv) {
-    std::memcpy(out + r * ldo + p * kPanel, dv, sizeof(float) * tile_extent(c.k, kPanel, p));
+  for_each_panel(x, n, x_norm, c, [&](int64_t r, int64_t p, v16 dv) {
+    float lanes[kPanel];
+    std::memcpy(lanes, &dv, sizeof(lanes));
+    std::memcpy(out + r * ldo + p * kPanel, lanes, sizeof(float) * tile_extent(c.k, kPanel, p));
   });
 }
 
