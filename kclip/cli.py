@@ -1,11 +1,19 @@
-"""The `kclip` command line. Subcommands: info (later issues add data, teacher, concepts, train, eval, run)."""
+"""The `kclip` command line.
+
+Each part of kclip registers its own subcommands (a `register(subparsers)` function in the module named in
+_COMMANDS), so this file stays a table of contents; `kclip info` lives here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+
+# Modules whose register(subparsers) adds subcommands, in the order they appear in --help.
+_COMMANDS: tuple[str, ...] = ()
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -23,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, and which accelerated backends are usable here and why not")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
     info.set_defaults(func=_info)
+    for name in _COMMANDS:
+        importlib.import_module(name).register(sub)
     return parser
 
 
