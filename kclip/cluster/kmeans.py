@@ -157,7 +157,9 @@ class CudaOps:
         return torch.cuda.current_stream(self.device).cuda_stream
 
     def prepare(self, rows: Any) -> torch.Tensor:
-        t = torch.as_tensor(rows).to(self.device, non_blocking=True)
+        if isinstance(rows, np.ndarray):  # read-only memory maps are copied once on the host; torch wants writable
+            rows = torch.from_numpy(np.require(rows, requirements=["C", "W"]))
+        t = rows.to(self.device, non_blocking=True)
         if t.dtype == torch.float64:
             t = t.to(torch.float32)
         return t.contiguous()
