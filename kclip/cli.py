@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Modules whose register(subparsers) adds subcommands, in the order they appear in --help.
-_COMMANDS: tuple[str, ...] = ()
+_COMMANDS: tuple[str, ...] = ("kclip.data.cli",)
 
 
 def _info(args: argparse.Namespace) -> int:

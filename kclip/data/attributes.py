@@ -1,0 +1,88 @@
+"""Image sets labelled with classes and binary attributes, for the attribute probes of evaluation (AWA2, CUB)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from kclip.data.shards import DataError
+
+
+@dataclasses.dataclass
+class AttributeData:
+    """An evaluation image set with class labels and binary attributes.
+
+    Attributes:
+        name: "awa2" or "cub".
+        root: the dataset's folder.
+        paths: image files, [N].
+        labels: int64 [N], 0-based class of each image.
+        class_names: [C], in label order (as the dataset's classes.txt spells them).
+        attribute_names: [A], in attribute order.
+        attributes: uint8 [N, A], 1 where the image has the attribute (AWA2: its class's row of the binary matrix).
+        class_attributes: float32 [C, A], the class-level attribute matrix (AWA2: binary; CUB: share of the class's
+            images labelled with the attribute).
+        is_train: bool [N], the dataset's proposed split (AWA2: its train classes; CUB: train_test_split.txt),
+            None where the files are absent.
+        certainty: uint8 [N, A], CUB's certainty of each label (1 not visible ... 4 definitely), None for AWA2.
+    """
+
+    name: str
+    root: Path
+    paths: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+    attribute_names: list[str]
+    attributes: np.ndarray
+    class_attributes: np.ndarray
+    is_train: np.ndarray | None = None
+    certainty: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, mask: np.ndarray) -> AttributeData:
+        """The images where mask [N] is true."""
+        idx = np.flatnonzero(mask)
+        pick = lambda a: None if a is None else a[idx]
+        return dataclasses.replace(
+            self,
+            paths=[self.paths[i] for i in idx],
+            labels=self.labels[idx],
+            attributes=self.attributes[idx],
+            is_train=pick(self.is_train),
+            certainty=pick(self.certainty),
+        )
+
+    def loader(self, cfg=None, batch_size: int = 64, num_workers: int = 0):
+        """DataLoader of the images with the deterministic evaluation transform (kclip.data.loader)."""
+        from kclip.data.loader import image_list_loader
+        from kclip.data.transforms import TransformConfig
+
+        return image_list_loader(self.paths, cfg or TransformConfig(), batch_size, num_workers)
+
+
+def read_id_names(path: Path) -> list[tuple[int, str]]:
+    """Lines "<id> <name>" (tab or spaces, leading blanks allowed) -> [(id, name)]."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise DataError(f"{path}:{n}: expected '<id> <name>', got {line!r}")
+        out.append((int(parts[0]), parts[1].strip()))
+    return out
+
+
+def require_dir(root: str, what: str, marker: str) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such directory ({what})")
+    if not (path / marker).exists():
+        raise DataError(f"{path}: not the {what} layout (no {marker})")
+    return path
