@@ -307,6 +307,29 @@ PYBIND11_MODULE(_C, m) {
       "Per-cluster sums (float64 [k, d], fixed summation order) and sizes (int64 [k]).");
 
   m.def(
+      "cpu_assign_accumulate",
+      [](const py::handle& x_obj, const py::handle& c_obj) {
+        py::array xa = host_array<float>(x_obj, "x", 2), ca = host_array<float>(c_obj, "centroids", 2);
+        const int64_t n = xa.shape(0), d = xa.shape(1), k = ca.shape(0);
+        require(ca.shape(1) == d, "centroids",
+                "width " + std::to_string(ca.shape(1)) + " does not match x's width " + std::to_string(d));
+        require(d > 0, "x", "has width 0");
+        require(k > 0, "centroids", "has no rows");
+        py::array_t<int64_t> labels(n), counts(k);
+        py::array_t<float> dist(n);
+        py::array_t<double> sums({k, d});
+        {
+          py::gil_scoped_release nogil;
+          kclip::cpu::assign_accumulate(static_cast<const float*>(xa.data()), n, d,
+                                        static_cast<const float*>(ca.data()), k, labels.mutable_data(),
+                                        dist.mutable_data(), sums.mutable_data(), counts.mutable_data());
+        }
+        return py::make_tuple(labels, dist, sums, counts);
+      },
+      py::arg("x"), py::arg("centroids"),
+      "cpu_assign and cpu_accumulate in one pass over x: (labels, dist, sums, counts), bitwise as the two calls.");
+
+  m.def(
       "cpu_kmeanspp",
       [](const py::handle& x_obj, int64_t k, uint64_t seed, int n_trials) {
         py::array xa = host_array<float>(x_obj, "x", 2);

@@ -39,7 +39,11 @@ namespace {
 
 constexpr int64_t kBlock = 768;        // rows per OpenMP task in distance passes
 constexpr int64_t kSumBlock = 4096;    // rows per partial sum in fixed-order reductions
-constexpr int64_t kColumnChunk = 64;   // coordinates per task in the centroid update
+constexpr int64_t kColumnChunk = 128;  // coordinates per task in the centroid update (512 bytes of a row)
+constexpr int64_t kPartialBytes = int64_t{64} << 20;  // float64 partial sums of the centroid update
+// Below this many multiply-adds a loop runs on one thread: waking the team costs more than it saves, and far
+// more when the machine is oversubscribed and the other threads are not running.
+constexpr int64_t kParallelWork = int64_t{1} << 20;
 
 // SplitMix64: small, fast, and the same sequence everywhere for a seed.
 struct Rng {
@@ -59,7 +63,7 @@ template <typename F>
 double fixed_order_sum(int64_t n, F f) {
   const int64_t blocks = tile_count(n, kSumBlock);
   std::vector<double> partial(blocks);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > kParallelWork)
   for (int64_t b = 0; b < blocks; ++b) {
     double s = 0.0;
     const int64_t end = std::min(n, (b + 1) * kSumBlock);
@@ -74,7 +78,7 @@ double fixed_order_sum(int64_t n, F f) {
 // Squared distances of every row to each of the `m` packed centroids: out [n][m].
 void distances_to(const float* x, int64_t n, const float* x_norm, const PackedCentroids& c, float* out) {
   const IsaKernels& isa = isa_kernels();
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (n * c.k * c.d > kParallelWork)
   for (int64_t b = 0; b < tile_count(n, kBlock); ++b) {
     const int64_t r0 = b * kBlock;
     isa.dist_rows(x + r0 * c.d, tile_extent(n, kBlock, b), x_norm + r0, c, out + r0 * c.k, c.k);
@@ -105,7 +109,7 @@ PackedCentroids pack_centroids(const float* c, int64_t k, int64_t d) {
 }
 
 void row_sq_norms(const float* x, int64_t n, int64_t d, float* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d > kParallelWork)
   for (int64_t i = 0; i < n; ++i) {
     const float* row = x + i * d;
     float s = 0.0f;
@@ -119,15 +123,61 @@ void assign(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int
   std::vector<float> x_norm(n);
   row_sq_norms(x, n, d, x_norm.data());
   const IsaKernels& isa = isa_kernels();
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (n * k * d > kParallelWork)
   for (int64_t b = 0; b < tile_count(n, kBlock); ++b) {
     const int64_t r0 = b * kBlock;
     isa.assign_rows(x + r0 * d, tile_extent(n, kBlock, b), x_norm.data() + r0, packed, labels + r0, dist + r0);
   }
 }
 
-void accumulate(const float* x, int64_t n, int64_t d, const int64_t* labels, int64_t k, double* sums,
-                int64_t* counts) {
+namespace {
+
+// Per-cluster float64 sums over rows cut into `parts` contiguous ranges, each summed in row order into its own
+// partial; finish() adds the partials in order. `parts` depends on n, k and d only, never on the thread count,
+// so the sums are bitwise independent of it, and the fused and the separate centroid updates (which share this
+// partition) agree bitwise. Partials stay within kPartialBytes: one range, summed in place, when k x d is large.
+class PartialSums {
+ public:
+  PartialSums(int64_t n, int64_t k, int64_t d, double* sums)
+      : parts(std::max<int64_t>(1, std::min(tile_count(n, kSumBlock),
+                                            kPartialBytes / (k * d * static_cast<int64_t>(sizeof(double)))))),
+        n_(n), kd_(k * d), d_(d), sums_(sums) {
+    if (parts > 1) partial_.assign(static_cast<size_t>(parts) * kd_, 0.0);
+    std::fill(base(0), base(0) + parts * kd_, 0.0);
+  }
+
+  const int64_t parts;
+  int64_t begin(int64_t part) const { return n_ * part / parts; }
+  int64_t end(int64_t part) const { return n_ * (part + 1) / parts; }
+
+  // Adds coordinates [c0, c0 + width) of rows [r0, r1) (inside `part`, visited in increasing order).
+  void add(int64_t part, int64_t r0, int64_t r1, const float* x, const int64_t* labels, int64_t c0, int64_t width) {
+    double* acc = base(part) + c0;
+    for (int64_t i = r0; i < r1; ++i) {
+      double* dst = acc + labels[i] * d_;
+      const float* src = x + i * d_ + c0;
+      for (int64_t t = 0; t < width; ++t) dst[t] += src[t];
+    }
+  }
+
+  void finish() {
+    if (parts == 1) return;
+#pragma omp parallel for schedule(static) if (kd_ * parts > kParallelWork)
+    for (int64_t e = 0; e < kd_; ++e) {
+      double total = 0.0;
+      for (int64_t part = 0; part < parts; ++part) total += partial_[part * kd_ + e];
+      sums_[e] = total;
+    }
+  }
+
+ private:
+  double* base(int64_t part) { return (parts > 1 ? partial_.data() : sums_) + part * kd_; }
+  int64_t n_, kd_, d_;
+  double* sums_;
+  std::vector<double> partial_;
+};
+
+void count_labels(const int64_t* labels, int64_t n, int64_t k, int64_t* counts) {
   std::fill(counts, counts + k, 0);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t l = labels[i];
@@ -137,24 +187,47 @@ void accumulate(const float* x, int64_t n, int64_t d, const int64_t* labels, int
     }
     ++counts[l];
   }
-  // Stable counting sort: members of each cluster in row order.
-  std::vector<int64_t> start(k + 1, 0), cursor(k), order(n);
-  std::partial_sum(counts, counts + k, start.begin() + 1);
-  std::copy(start.begin(), start.end() - 1, cursor.begin());
-  for (int64_t i = 0; i < n; ++i) order[cursor[labels[i]]++] = i;
+}
 
+}  // namespace
+
+void accumulate(const float* x, int64_t n, int64_t d, const int64_t* labels, int64_t k, double* sums,
+                int64_t* counts) {
+  count_labels(labels, n, k, counts);
+  PartialSums ps(n, k, d, sums);
+  // Tasks are (range, slice of coordinates) pairs, each streaming its rows in order.
   const int64_t chunks = tile_count(d, kColumnChunk);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t task = 0; task < k * chunks; ++task) {
-    const int64_t cl = task / chunks, c0 = (task % chunks) * kColumnChunk;
-    const int64_t width = tile_extent(d, kColumnChunk, task % chunks);
-    double acc[kColumnChunk] = {};
-    for (int64_t m = start[cl]; m < start[cl + 1]; ++m) {
-      const float* row = x + order[m] * d + c0;
-      for (int64_t t = 0; t < width; ++t) acc[t] += row[t];
-    }
-    std::copy(acc, acc + width, sums + cl * d + c0);
+#pragma omp parallel for schedule(dynamic, 1) if (n * d > kParallelWork)
+  for (int64_t task = 0; task < ps.parts * chunks; ++task) {
+    const int64_t part = task / chunks, chunk = task % chunks;
+    ps.add(part, ps.begin(part), ps.end(part), x, labels, chunk * kColumnChunk, tile_extent(d, kColumnChunk, chunk));
   }
+  ps.finish();
+}
+
+void assign_accumulate(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels,
+                       float* dist, double* sums, int64_t* counts) {
+  PartialSums ps(n, k, d, sums);
+  if (ps.parts < 2 * omp_get_max_threads()) {  // too few ranges to share out: two passes, the same result
+    assign(x, n, d, c, k, labels, dist);
+    accumulate(x, n, d, labels, k, sums, counts);
+    return;
+  }
+  // One pass: each range is assigned block by block and its rows added to the sums while still in cache.
+  const PackedCentroids packed = pack_centroids(c, k, d);
+  std::vector<float> x_norm(n);
+  row_sq_norms(x, n, d, x_norm.data());
+  const IsaKernels& isa = isa_kernels();
+#pragma omp parallel for schedule(dynamic, 1) if (n * k * d > kParallelWork)
+  for (int64_t part = 0; part < ps.parts; ++part) {
+    for (int64_t r0 = ps.begin(part); r0 < ps.end(part); r0 += kBlock) {
+      const int64_t r1 = std::min(ps.end(part), r0 + kBlock);
+      isa.assign_rows(x + r0 * d, r1 - r0, x_norm.data() + r0, packed, labels + r0, dist + r0);
+      ps.add(part, r0, r1, x, labels, 0, d);
+    }
+  }
+  ps.finish();
+  count_labels(labels, n, k, counts);
 }
 
 void kmeanspp(const float* x, int64_t n, int64_t d, int64_t k, uint64_t seed, int n_trials, int64_t* out) {
@@ -171,6 +244,10 @@ void kmeanspp(const float* x, int64_t n, int64_t d, int64_t k, uint64_t seed, in
   std::vector<double> cumulative(n);
   std::vector<float> cand_rows(static_cast<size_t>(n_trials) * d), cand_dist(static_cast<size_t>(n) * n_trials);
   std::vector<int64_t> cand(n_trials);
+  const int64_t blocks = tile_count(n, kSumBlock);
+  std::vector<double> partial(static_cast<size_t>(blocks) * n_trials);
+  const IsaKernels& isa = isa_kernels();
+  const bool parallel = n * n_trials * d > kParallelWork;
   for (int64_t c = 1; c < k; ++c) {
     // Draw candidates with probability proportional to the squared distance to the closest chosen centre.
     double run = 0.0;
@@ -185,13 +262,25 @@ void kmeanspp(const float* x, int64_t n, int64_t d, int64_t k, uint64_t seed, in
       }
       std::copy(x + cand[t] * d, x + (cand[t] + 1) * d, cand_rows.begin() + t * d);
     }
-    distances_to(x, n, x_norm.data(), pack_centroids(cand_rows.data(), n_trials, d), cand_dist.data());
+    const PackedCentroids packed = pack_centroids(cand_rows.data(), n_trials, d);
+    // One parallel pass: distances to the candidates and, per fixed block of rows, the potential each candidate
+    // would leave, summed in row order (blocks are then summed in order: thread-count independent).
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t r0 = b * kSumBlock, nr = tile_extent(n, kSumBlock, b);
+      isa.dist_rows(x + r0 * d, nr, x_norm.data() + r0, packed, cand_dist.data() + r0 * n_trials, n_trials);
+      for (int t = 0; t < n_trials; ++t) {
+        double sum = 0.0;
+        for (int64_t i = r0; i < r0 + nr; ++i) sum += std::min(closest[i], cand_dist[i * n_trials + t]);
+        partial[b * n_trials + t] = sum;
+      }
+    }
     // Keep the candidate that lowers the potential most (ties: the earlier candidate).
     int best = 0;
     double best_potential = INFINITY;
     for (int t = 0; t < n_trials; ++t) {
-      const double pot = fixed_order_sum(
-          n, [&](int64_t i) { return static_cast<double>(std::min(closest[i], cand_dist[i * n_trials + t])); });
+      double pot = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) pot += partial[b * n_trials + t];
       if (pot < best_potential) {
         best_potential = pot;
         best = t;
@@ -199,7 +288,7 @@ void kmeanspp(const float* x, int64_t n, int64_t d, int64_t k, uint64_t seed, in
     }
     out[c] = cand[best];
     potential = best_potential;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
     for (int64_t i = 0; i < n; ++i) closest[i] = std::min(closest[i], cand_dist[i * n_trials + best]);
   }
 }
@@ -212,7 +301,7 @@ void soft_assign(const float* x, int64_t n, int64_t d, const float* c, int64_t k
   const IsaKernels& isa = isa_kernels();
   // Rows per task so one task's distance scratch stays near 1 MB even for k = 65536.
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(kBlock, (int64_t{1} << 18) / k));
-#pragma omp parallel
+#pragma omp parallel if (n * k * d > kParallelWork)
   {
     std::vector<float> scratch(static_cast<size_t>(rows) * k);
     std::vector<int64_t> idx(top_k > 0 ? k : 0);

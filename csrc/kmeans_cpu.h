@@ -37,10 +37,15 @@ void row_sq_norms(const float* x, int64_t n, int64_t d, float* out);
 // Nearest centroid per row; OpenMP over blocks of rows. Deterministic: each row's result depends only on it.
 void assign(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels, float* dist);
 
-// Sum of the rows of each cluster (float64) and the cluster sizes. Rows are bucketed by a stable counting
-// sort and each cluster is summed in row order, so the result is bitwise independent of the thread count.
+// Sum of the rows of each cluster (float64) and the cluster sizes. Every sum is accumulated in row order, so
+// the result is bitwise independent of the thread count.
 void accumulate(const float* x, int64_t n, int64_t d, const int64_t* labels, int64_t k, double* sums,
                 int64_t* counts);
+
+// assign() and accumulate() in one pass over x where the rows split into enough ranges (the result is bitwise
+// that of the two calls).
+void assign_accumulate(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels,
+                       float* dist, double* sums, int64_t* counts);
 
 // Greedy k-means++ (Arthur & Vassilvitskii, with n_trials candidates per step as scikit-learn does).
 // Writes the indices of the chosen rows to out [k]. Deterministic for a seed.

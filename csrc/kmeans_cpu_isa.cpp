@@ -32,6 +32,12 @@ static inline void micro_tile(const float* const* rows, const float* panel, int6
   for (int r = 0; r < MR; ++r) dots[r] = a[r];
 }
 
+// sq_dist_from_dot (kmeans_common.h), sixteen lanes at a time: the same operations in the same order.
+static inline v16 distances(float x_norm, v16 dots, v16 c_norm) {
+  const v16 dist = (x_norm - 2.0f * dots) + c_norm;
+  return dist > 0.0f ? dist : v16{};
+}
+
 // Calls visit(row, panel, distances) for every row of [0, n) and every panel, panel by panel within a block of
 // rows, so visits to one row come in increasing centroid order. `distances` holds the 16 squared distances of
 // the panel as one vector (lanes past k carry +inf through their infinite norm).
@@ -44,9 +50,11 @@ static inline void for_each_panel(const float* x, int64_t n, const float* x_norm
     const int64_t nb = n - b0 < kRows ? n - b0 : kRows;
     for (int64_t p = 0; p < c.panels; ++p) {
       const float* panel = c.data.data() + p * d * kPanel;
-      for (int64_t r = 0; r < nb; ++r) dots[r] = v16{};
+      v16 cn;
+      std::memcpy(&cn, c.norm.data() + p * kPanel, sizeof(v16));
       for (int64_t j0 = 0; j0 < d; j0 += kDepth) {
         const int64_t depth = d - j0 < kDepth ? d - j0 : kDepth;
+        const bool first = j0 == 0, last = j0 + depth == d;
         for (int64_t r0 = 0; r0 < nb; r0 += MR) {
           const int64_t mr = nb - r0 < MR ? nb - r0 : MR;
           const float* rows[MR];
@@ -55,19 +63,19 @@ static inline void for_each_panel(const float* x, int64_t n, const float* x_norm
           for (int r = 0; r < MR; ++r) {
             const int64_t rr = r0 + (r < mr ? r : 0);
             rows[r] = x + (b0 + rr) * d + j0;
-            acc[r] = dots[rr];
+            acc[r] = first ? v16{} : dots[rr];
           }
           micro_tile(rows, panel + j0 * kPanel, depth, acc);
-          for (int64_t r = 0; r < mr; ++r) dots[r0 + r] = acc[r];
+          // The last slice turns its dots into distances straight from the registers (the only slice when
+          // d <= kDepth); earlier slices park partial dots in dots[].
+          for (int64_t r = 0; r < mr; ++r) {
+            if (last) {
+              visit(b0 + r0 + r, p, distances(x_norm[b0 + r0 + r], acc[r], cn));
+            } else {
+              dots[r0 + r] = acc[r];
+            }
+          }
         }
-      }
-      v16 cn;
-      std::memcpy(&cn, c.norm.data() + p * kPanel, sizeof(v16));
-      for (int64_t r = 0; r < nb; ++r) {
-        // sq_dist_from_dot (kmeans_common.h), sixteen lanes at a time: the same operations in the same order.
-        v16 dist = (x_norm[b0 + r] - 2.0f * dots[r]) + cn;
-        dist = dist > 0.0f ? dist : v16{};
-        visit(b0 + r, p, dist);
       }
     }
   }

@@ -14,6 +14,9 @@ def cpu_assign(
 def cpu_accumulate(
     x: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], k: int
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]: ...
+def cpu_assign_accumulate(
+    x: npt.NDArray[np.float32], centroids: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.int64]]: ...
 def cpu_kmeanspp(x: npt.NDArray[np.float32], k: int, seed: int, n_trials: int) -> npt.NDArray[np.int64]: ...
 def cpu_soft_assign(
     x: npt.NDArray[np.float32], centroids: npt.NDArray[np.float32], temperature: float, top_k: int = 0

@@ -129,9 +129,21 @@ class CpuOps:
         labels, dist = self.C.cpu_assign(x, self._host(centroids))
         return torch.from_numpy(labels), torch.from_numpy(dist)
 
-    def accumulate(self, x: np.ndarray, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(self, x: np.ndarray, labels: torch.Tensor, k: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         sums, counts = self.C.cpu_accumulate(x, labels.numpy(), k)
-        return torch.from_numpy(sums), torch.from_numpy(counts)
+        if out is None:
+            return torch.from_numpy(sums), torch.from_numpy(counts)
+        out[0].add_(torch.from_numpy(sums))
+        out[1].add_(torch.from_numpy(counts))
+        return out
+
+    def assign_accumulate(self, x: np.ndarray, centroids: torch.Tensor, k: int, out=None):
+        """assign() and accumulate() in one pass over x (the rows stay in cache): (dist, (sums, counts))."""
+        _, dist, sums, counts = self.C.cpu_assign_accumulate(x, self._host(centroids))
+        sums, counts = torch.from_numpy(sums), torch.from_numpy(counts)
+        if out is not None:
+            sums, counts = out[0].add_(sums), out[1].add_(counts)
+        return torch.from_numpy(dist), (sums, counts)
 
     def kmeanspp(self, x: np.ndarray, k: int, seed: int, n_trials: int) -> torch.Tensor:
         return torch.from_numpy(self.C.cpu_kmeanspp(x, k, seed, n_trials))
@@ -152,6 +164,7 @@ class CudaOps:
 
     def __init__(self, module, device: torch.device):
         self.C, self.device = module, device
+        self._cached: tuple | None = None
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream
@@ -165,8 +178,11 @@ class CudaOps:
         return t.contiguous()
 
     def _centroids(self, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = centroids.to(self.device, x.dtype).contiguous()
-        return c, c.float().square().sum(1)  # norms of the values the kernel reads
+        # Uploaded once per centroid tensor and dtype, not once per chunk: at K=65536, D=4096 that is 512 MB.
+        if self._cached is None or self._cached[0] is not centroids or self._cached[1] != x.dtype:
+            c = centroids.to(self.device, x.dtype).contiguous()
+            self._cached = (centroids, x.dtype, c, c.float().square().sum(1))  # norms of the values the kernel reads
+        return self._cached[2], self._cached[3]
 
     def assign(self, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, c_norm = self._centroids(x, centroids)
@@ -175,11 +191,15 @@ class CudaOps:
         self.C.cuda_assign(x, c, c_norm, labels, dist, self._stream())
         return labels, dist
 
-    def accumulate(self, x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=self.device)
-        counts = torch.zeros(k, dtype=torch.int64, device=self.device)
-        self.C.cuda_accumulate(x, labels, sums, counts, self._stream())
-        return sums.double().cpu(), counts.cpu()
+    def accumulate(self, x: torch.Tensor, labels: torch.Tensor, k: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cluster float32 sums and counts on the device; with `out`, added into it by the kernel itself."""
+        if out is None:
+            out = (
+                torch.zeros(k, x.shape[1], dtype=torch.float32, device=self.device),
+                torch.zeros(k, dtype=torch.int64, device=self.device),
+            )
+        self.C.cuda_accumulate(x, labels, out[0], out[1], self._stream())
+        return out
 
     def soft_assign(self, x: torch.Tensor, centroids: torch.Tensor, temperature: float, top_k: int | None):
         c, c_norm = self._centroids(x, centroids)
@@ -334,15 +354,19 @@ def lloyd(
     for it in range(n_iter + 1):
         t0 = time.perf_counter()
         c32 = centroids.to(torch.float32)
-        sums = torch.zeros(k, d, dtype=torch.float64)
-        counts = torch.zeros(k, dtype=torch.int64)
-        objective = 0.0
+        # Objective, sums and counts stay on the data's device for the whole pass: one host sync per iteration.
+        acc = objective = None
+        fused = getattr(ops, "assign_accumulate", None)
         for x in chunks():
-            labels, dist = ops.assign(x, c32)
-            objective += float(dist.sum(dtype=torch.float64))  # host sync, once per chunk
-            s, c = ops.accumulate(x, labels, k)
-            sums += s
-            counts += c
+            if fused is not None:
+                dist, acc = fused(x, c32, k, out=acc)
+            else:
+                labels, dist = ops.assign(x, c32)
+                acc = ops.accumulate(x, labels, k, out=acc)
+            part = dist.sum(dtype=torch.float64)
+            objective = part if objective is None else objective + part
+        objective = float(objective)  # the host sync
+        sums, counts = acc[0].to(torch.float64).cpu(), acc[1].cpu()
         n = int(counts.sum())
         imbalance = float(k * counts.double().square().sum() / (n * n))
         if it == n_iter or (previous is not None and previous - objective <= tol * previous):
@@ -464,6 +488,13 @@ class KMeans:
         idx = np.sort(rng.choice(src.n, size=min(sample, src.n), replace=False))
         x = self._host_f32(self._prepare(ops, src.take(idx), src.name, 0))
         n_trials = 2 + int(math.log(k))
+        flops = 2.0 * len(idx) * k * n_trials * src.d
+        if flops > 1e13:  # about a minute and a half on a 2-core CPU at 110 GFLOP/s
+            log.warning(
+                "k-means++ over %d points with k=%d, d=%d costs about %.1e FLOPs on the host; "
+                "init='random' (FAISS's default) or a smaller init_sample_size starts at once",
+                len(idx), k, src.d, flops,
+            )  # fmt: skip
         module = compiled_module("k-means++")
         host_ops = CpuOps(module) if module is not None and ops.name != "reference" else ReferenceOps("cpu")
         chosen = host_ops.kmeanspp(x if host_ops.name == "cpu" else torch.from_numpy(x), k, self.seed, n_trials)

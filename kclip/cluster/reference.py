@@ -88,19 +88,21 @@ class ReferenceOps:
         return t if t.dtype == torch.float64 else t.to(torch.float32)
 
     def assign(self, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        labels, dist = assign_reference(x, centroids.to(self.device))
-        return labels.cpu(), dist.cpu()
+        return assign_reference(x, centroids.to(self.device))
 
-    def accumulate(self, x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sums, counts = accumulate_reference(x, labels.to(self.device), k)
-        return sums.cpu(), counts.cpu()
+    def accumulate(self, x: torch.Tensor, labels: torch.Tensor, k: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        sums, counts = accumulate_reference(x, labels, k)
+        if out is None:
+            return sums, counts
+        out[0].add_(sums)
+        out[1].add_(counts)
+        return out
 
     def kmeanspp(self, x: torch.Tensor, k: int, seed: int, n_trials: int) -> torch.Tensor:
         return kmeanspp_reference(x, k, seed, n_trials)
 
     def soft_assign(self, x, centroids, temperature, top_k):
-        out = soft_assign_reference(x, centroids.to(self.device), temperature, top_k)
-        return out.cpu() if top_k is None else (out[0].cpu(), out[1].cpu())
+        return soft_assign_reference(x, centroids.to(self.device), temperature, top_k)
 
 
 def kmeanspp_reference(x: torch.Tensor, k: int, seed: int, n_trials: int) -> torch.Tensor:
