@@ -60,6 +60,26 @@ void require(bool ok, const std::string& name, const std::string& what) {
   if (!ok) fail(name, what);
 }
 
+// Points x [n, d] and centroids c [k, d], host float32 arrays of the same width.
+struct HostPoints {
+  py::array x, c;
+  int64_t n, d, k;
+  const float* xp() const { return static_cast<const float*>(x.data()); }
+  const float* cp() const { return static_cast<const float*>(c.data()); }
+};
+
+HostPoints host_points(const py::handle& x_obj, const py::handle& c_obj) {
+  HostPoints p{host_array<float>(x_obj, "x", 2), host_array<float>(c_obj, "centroids", 2), 0, 0, 0};
+  p.n = p.x.shape(0);
+  p.d = p.x.shape(1);
+  p.k = p.c.shape(0);
+  require(p.c.shape(1) == p.d, "centroids",
+          "width " + std::to_string(p.c.shape(1)) + " does not match x's width " + std::to_string(p.d));
+  require(p.d > 0, "x", "has width 0");
+  require(p.k > 0, "centroids", "has no rows");
+  return p;
+}
+
 // ---- device arrays -----------------------------------------------------------------------------------------
 
 // DLPack's C ABI (dlpack.h, v0.x "dltensor" capsules), declared here to avoid a header dependency.
@@ -220,12 +240,11 @@ struct DevicePoints {
 // at the end. Tests compare it with the reference so the arithmetic the kernels share is checked on a CPU.
 py::tuple tile_assign_host(const py::handle& x_obj, const py::handle& c_obj, int64_t tile_m, int64_t tile_n,
                            int64_t lanes) {
-  py::array xa = host_array<float>(x_obj, "x", 2), ca = host_array<float>(c_obj, "centroids", 2);
-  const int64_t n = xa.shape(0), d = xa.shape(1), k = ca.shape(0);
-  require(ca.shape(1) == d, "centroids", "width does not match x");
+  const HostPoints p = host_points(x_obj, c_obj);
+  const int64_t n = p.n, d = p.d, k = p.k;
   require(tile_m > 0 && tile_n > 0 && lanes > 0, "tile_m, tile_n, lanes", "must be positive");
-  const float* x = static_cast<const float*>(xa.data());
-  const float* c = static_cast<const float*>(ca.data());
+  const float* x = p.xp();
+  const float* c = p.cp();
   py::array_t<int64_t> labels(n);
   py::array_t<float> dist(n);
   std::vector<float> x_norm(n), c_norm(k);
@@ -268,18 +287,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cpu_assign",
       [](const py::handle& x_obj, const py::handle& c_obj) {
-        py::array xa = host_array<float>(x_obj, "x", 2), ca = host_array<float>(c_obj, "centroids", 2);
-        const int64_t n = xa.shape(0), d = xa.shape(1), k = ca.shape(0);
-        require(ca.shape(1) == d, "centroids",
-                "width " + std::to_string(ca.shape(1)) + " does not match x's width " + std::to_string(d));
-        require(d > 0, "x", "has width 0");
-        require(k > 0, "centroids", "has no rows");
-        py::array_t<int64_t> labels(n);
-        py::array_t<float> dist(n);
+        const HostPoints p = host_points(x_obj, c_obj);
+        py::array_t<int64_t> labels(p.n);
+        py::array_t<float> dist(p.n);
         {
           py::gil_scoped_release nogil;
-          kclip::cpu::assign(static_cast<const float*>(xa.data()), n, d, static_cast<const float*>(ca.data()), k,
-                             labels.mutable_data(), dist.mutable_data());
+          kclip::cpu::assign(p.xp(), p.n, p.d, p.cp(), p.k, labels.mutable_data(), dist.mutable_data());
         }
         return py::make_tuple(labels, dist);
       },
@@ -309,20 +322,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cpu_assign_accumulate",
       [](const py::handle& x_obj, const py::handle& c_obj) {
-        py::array xa = host_array<float>(x_obj, "x", 2), ca = host_array<float>(c_obj, "centroids", 2);
-        const int64_t n = xa.shape(0), d = xa.shape(1), k = ca.shape(0);
-        require(ca.shape(1) == d, "centroids",
-                "width " + std::to_string(ca.shape(1)) + " does not match x's width " + std::to_string(d));
-        require(d > 0, "x", "has width 0");
-        require(k > 0, "centroids", "has no rows");
-        py::array_t<int64_t> labels(n), counts(k);
-        py::array_t<float> dist(n);
-        py::array_t<double> sums({k, d});
+        const HostPoints p = host_points(x_obj, c_obj);
+        py::array_t<int64_t> labels(p.n), counts(p.k);
+        py::array_t<float> dist(p.n);
+        py::array_t<double> sums({p.k, p.d});
         {
           py::gil_scoped_release nogil;
-          kclip::cpu::assign_accumulate(static_cast<const float*>(xa.data()), n, d,
-                                        static_cast<const float*>(ca.data()), k, labels.mutable_data(),
-                                        dist.mutable_data(), sums.mutable_data(), counts.mutable_data());
+          kclip::cpu::assign_accumulate(p.xp(), p.n, p.d, p.cp(), p.k, labels.mutable_data(), dist.mutable_data(),
+                                        sums.mutable_data(), counts.mutable_data());
         }
         return py::make_tuple(labels, dist, sums, counts);
       },
@@ -349,30 +356,26 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cpu_soft_assign",
       [](const py::handle& x_obj, const py::handle& c_obj, double temperature, int64_t top_k) -> py::object {
-        py::array xa = host_array<float>(x_obj, "x", 2), ca = host_array<float>(c_obj, "centroids", 2);
-        const int64_t n = xa.shape(0), d = xa.shape(1), k = ca.shape(0);
-        require(ca.shape(1) == d, "centroids", "width does not match x's width " + std::to_string(d));
-        require(k > 0, "centroids", "has no rows");
+        const HostPoints p = host_points(x_obj, c_obj);
         require(std::isfinite(temperature) && temperature > 0, "temperature",
                 "must be finite and positive, got " + std::to_string(temperature));
-        require(top_k >= 0 && top_k <= k, "top_k",
-                "must be in [0, k=" + std::to_string(k) + "], got " + std::to_string(top_k));
+        require(top_k >= 0 && top_k <= p.k, "top_k",
+                "must be in [0, k=" + std::to_string(p.k) + "], got " + std::to_string(top_k));
         const float inv_t = static_cast<float>(1.0 / temperature);
         if (top_k == 0) {
-          py::array_t<float> dense({n, k});
+          py::array_t<float> dense({p.n, p.k});
           {
             py::gil_scoped_release nogil;
-            kclip::cpu::soft_assign(static_cast<const float*>(xa.data()), n, d, static_cast<const float*>(ca.data()),
-                                    k, inv_t, 0, dense.mutable_data(), nullptr, nullptr);
+            kclip::cpu::soft_assign(p.xp(), p.n, p.d, p.cp(), p.k, inv_t, 0, dense.mutable_data(), nullptr, nullptr);
           }
           return dense;
         }
-        py::array_t<int64_t> idx({n, top_k});
-        py::array_t<float> w({n, top_k});
+        py::array_t<int64_t> idx({p.n, top_k});
+        py::array_t<float> w({p.n, top_k});
         {
           py::gil_scoped_release nogil;
-          kclip::cpu::soft_assign(static_cast<const float*>(xa.data()), n, d, static_cast<const float*>(ca.data()), k,
-                                  inv_t, top_k, nullptr, idx.mutable_data(), w.mutable_data());
+          kclip::cpu::soft_assign(p.xp(), p.n, p.d, p.cp(), p.k, inv_t, top_k, nullptr, idx.mutable_data(),
+                                  w.mutable_data());
         }
         return py::make_tuple(idx, w);
       },
