@@ -98,6 +98,32 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(candidates, key=lambda c: c.kwargs.get("BLOCK_DO", c.kwargs["BLOCK_K"]))]
 
 
+@triton.jit
+def _dot_tile(
+    a_ptr, rows, row_mask, stride_a, c_ptr, cols, col_mask, stride_c, D,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """<A_rows, C_cols> over the width D in slices of BLOCK_K, fp32 accumulation: one [BLOCK_M, BLOCK_N] logit tile
+    (before scaling), shared by the forward and both backward passes."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < D
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+        )  # [BLOCK_M, BLOCK_K]
+        c = tl.load(
+            c_ptr + cols[None, :] * stride_c + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0
+        )  # [BLOCK_K, BLOCK_N]
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            c = c.to(tl.float32)
+        x = tl.dot(a, c, x, input_precision=INPUT_PRECISION)
+    return x
+
+
 # Forward. Per direction d (0: rows A=image, columns C=text; 1: rows A=text, columns C=image) and row i:
 #   z_ij = s · <A_i, C_j>,  lse_i = log Σ_j exp(z_ij)  (online: m ← max(m, max_j z), l ← l·e^{m_old−m} + Σ e^{z−m})
 #   loss = 1/(2b) Σ_d Σ_i (lse_di − z_d,i,off+i)
@@ -166,20 +192,10 @@ def _contrastive_distill_fwd_kernel(
     for start_n in range(col_begin, col_end, BLOCK_N):
         cols = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
         col_mask = cols < col_end
-        x = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + offs_k
-            k_mask = ks < D
-            a = tl.load(
-                a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
-            )  # [BLOCK_M, BLOCK_K]
-            c = tl.load(
-                c_ptr + cols[None, :] * stride_c + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0
-            )  # [BLOCK_K, BLOCK_N]
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                c = c.to(tl.float32)
-            x = tl.dot(a, c, x, input_precision=INPUT_PRECISION)
+        x = _dot_tile(
+            a_ptr, rows, row_mask, stride_a, c_ptr, cols, col_mask, stride_c, D,
+            DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         z = tl.where(col_mask[None, :], x * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N], base 2
         m_new = tl.maximum(m_i, tl.max(z, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), 1)
@@ -307,7 +323,6 @@ def _contrastive_distill_bwd_kernel(
     coef = tl.load(GRAD_C).to(tl.float32) * COEF
     if USE_ROW_LSE:
         lse_row = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0) * LOG2E
-    offs_k = tl.arange(0, BLOCK_K)
     dcols = d_slice.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # [BLOCK_DO]
     dmask = dcols < D
 
@@ -317,20 +332,10 @@ def _contrastive_distill_bwd_kernel(
     for start_n in range(inner_begin, inner_end, BLOCK_N):
         cols = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
         col_mask = cols < inner_end
-        x = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + offs_k
-            k_mask = ks < D
-            a = tl.load(
-                x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
-            )  # [BLOCK_M, BLOCK_K]
-            c = tl.load(
-                y_ptr + cols[None, :] * stride_y + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0
-            )  # [BLOCK_K, BLOCK_N]
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                c = c.to(tl.float32)
-            x = tl.dot(a, c, x, input_precision=INPUT_PRECISION)
+        x = _dot_tile(
+            x_ptr, rows, row_mask, stride_x, y_ptr, cols, col_mask, stride_y, D,
+            DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         z = x * qk_scale  # [BLOCK_M, BLOCK_N], base 2
         g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if USE_ROW_LSE:
