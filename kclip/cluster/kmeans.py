@@ -188,7 +188,8 @@ class CudaOps:
         c, c_norm = self._centroids(x, centroids)
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=self.device)
         dist = torch.empty(x.shape[0], dtype=torch.float32, device=self.device)
-        self.C.cuda_assign(x, c, c_norm, labels, dist, self._stream())
+        with torch.cuda.device(self.device):  # the kernels launch on the current device, x's own
+            self.C.cuda_assign(x, c, c_norm, labels, dist, self._stream())
         return labels, dist
 
     def accumulate(self, x: torch.Tensor, labels: torch.Tensor, k: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +199,8 @@ class CudaOps:
                 torch.zeros(k, x.shape[1], dtype=torch.float32, device=self.device),
                 torch.zeros(k, dtype=torch.int64, device=self.device),
             )
-        self.C.cuda_accumulate(x, labels, out[0], out[1], self._stream())
+        with torch.cuda.device(self.device):
+            self.C.cuda_accumulate(x, labels, out[0], out[1], self._stream())
         return out
 
     def soft_assign(self, x: torch.Tensor, centroids: torch.Tensor, temperature: float, top_k: int | None):
@@ -210,20 +212,20 @@ class CudaOps:
             idx = torch.empty(n, top_k, dtype=torch.int64, device=self.device)
             w = torch.empty(n, top_k, dtype=torch.float32, device=self.device)
         work = torch.empty(min(step, n), k, dtype=torch.float32, device=self.device)
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            dist = dense[s:e] if dense is not None else work[: e - s]
-            self.C.cuda_distances(x[s:e], c, c_norm, dist, self._stream())
-            if top_k is None:
-                self.C.cuda_soft_assign(dist, temperature, 0, dense_out=dist, stream=self._stream())
-            elif top_k <= self._MAX_DEVICE_TOP_K:
-                self.C.cuda_soft_assign(
-                    dist, temperature, top_k, topk_idx=idx[s:e], topk_w=w[s:e], stream=self._stream()
-                )
-            else:  # wide top-k: the device kernel selects at most 64, torch.topk takes over
-                logits = -dist / temperature
-                top = torch.topk(logits, top_k, dim=1, sorted=True)
-                idx[s:e], w[s:e] = top.indices, torch.softmax(top.values, dim=1)
+        with torch.cuda.device(self.device):  # the kernels launch on the current device
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                dist = dense[s:e] if dense is not None else work[: e - s]
+                self.C.cuda_distances(x[s:e], c, c_norm, dist, self._stream())
+                if top_k is None:
+                    self.C.cuda_soft_assign(dist, temperature, 0, dense_out=dist, stream=self._stream())
+                elif top_k <= self._MAX_DEVICE_TOP_K:
+                    self.C.cuda_soft_assign(
+                        dist, temperature, top_k, topk_idx=idx[s:e], topk_w=w[s:e], stream=self._stream()
+                    )
+                else:  # wide top-k: the device kernel selects at most 64, torch.topk takes over
+                    top = torch.topk(-dist / temperature, top_k, dim=1, sorted=True)
+                    idx[s:e], w[s:e] = top.indices, torch.softmax(top.values, dim=1)
         return dense if top_k is None else (idx, w)
 
 
