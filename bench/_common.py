@@ -19,7 +19,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kclip._atomic import atomic_path
 
 log = logging.getLogger("bench")
 
@@ -338,7 +339,7 @@ def _json_default(obj: Any) -> Any:
 
 def write_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Path:
     """Write {"meta": environment() + meta, "rows": rows} as JSON, atomically (temporary file in the same folder,
-    then os.replace), so that a run killed half-way leaves the previous complete file. Each row is stamped with
+    then renamed), so that a run killed half-way leaves the previous complete file. Each row is stamped with
     the device and git revision so that rows from several files can be pooled.
 
     Args:
@@ -350,19 +351,9 @@ def write_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]], meta: di
     path.parent.mkdir(parents=True, exist_ok=True)
     env = environment(meta.get("device_kind"))
     stamped = [{"device": env["device"], "git_revision": env["git_revision"], **row} for row in rows]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"meta": {**env, **meta}, "rows": stamped}, f, indent=1, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump({"meta": {**env, **meta}, "rows": stamped}, f, indent=1, default=_json_default)
+        f.write("\n")
     return path
 
 

@@ -172,7 +172,7 @@ def train_classifier(
 
 def save_classifier(path, model: ConceptClassifier, train: dict[str, Any], extra: dict[str, Any]) -> None:
     """Write classifier.pt: {"config", "state_dict", "train"} (config: the ClassifierConfig fields plus `extra`)."""
-    from kclip.teacher.store import atomic_path
+    from kclip._atomic import atomic_path
 
     blob = {
         "config": {**dataclasses.asdict(model.config), **extra},

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kclip.teacher.store import StoreError, TeacherStore, atomic_path, write_json
+from kclip._atomic import atomic_path
+from kclip.teacher.store import StoreError, TeacherStore, write_json
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from kclip.teacher.store import TeacherStore, atomic_path, write_json
+from kclip._atomic import atomic_path
+from kclip.teacher.store import TeacherStore, write_json
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from kclip._atomic import atomic_write_text
 from kclip.data.shards import (
     Component,
     DataError,
-    atomic_write_text,
     check_sample,
     cpu_count,
     iter_tar,

@@ -45,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from kclip.data.shards import ShardWriter, atomic_write_text, cpu_count
+from kclip._atomic import atomic_write_text
+from kclip.data.shards import ShardWriter, cpu_count
 
 log = logging.getLogger(__name__)
 

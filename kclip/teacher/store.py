@@ -18,19 +18,19 @@ that the next ``kclip teacher embed`` resumes or finalises again.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kclip._atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +44,6 @@ _CHUNK_BYTES = 64 << 20  # float16 bytes of rows gathered at once while finalisi
 
 class StoreError(ValueError):
     """A teacher store that cannot be used as asked; the message names the store and what to run."""
-
-
-# ---- atomic files ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed over it when the block ends without an exception."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
