@@ -377,6 +377,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_device(path: str | os.PathLike, meta: dict[str, Any], device: str, why_not: str) -> int:
+    """Record that the asked-for device cannot run here (an empty result with the reason) and return exit code 1."""
+    meta.setdefault("skipped", {})[meta.get("device_kind") or device] = why_not
+    write_rows(path, [], meta)
+    logging.getLogger("bench").error("--device %s: %s (wrote %s)", device, why_not, path)
+    return 1
+
+
 def resolve_device(choice: str) -> tuple[str, str]:
     """("cpu" | "cuda", reason) for --device: "auto" picks cuda where torch sees a GPU. For an explicit "cuda" that
     cannot run, returns ("cuda", why) so the caller can record the skip; the reason is "" when usable."""

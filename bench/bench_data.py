@@ -42,7 +42,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import add_common_args, cpu_cores, format_table, output_path, quantiles_ms, resolve_device, write_rows
+from _common import (
+    add_common_args,
+    cpu_cores,
+    format_table,
+    output_path,
+    quantiles_ms,
+    refuse_device,
+    resolve_device,
+    write_rows,
+)
 
 log = logging.getLogger("bench_data")
 
@@ -302,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows: list[dict[str, Any]] = []
     if why_not:
-        meta["skipped"][kind] = why_not
-        write_rows(out, rows, meta)
-        log.error("--device %s: %s (wrote %s)", args.device, why_not, out)
-        return 1
+        return refuse_device(out, meta, args.device, why_not)
 
     from kclip.data.transforms import TransformConfig
 

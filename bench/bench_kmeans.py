@@ -59,6 +59,7 @@ from _common import (
     output_path,
     peak_memory,
     quantiles_ms,
+    refuse_device,
     resolve_device,
     setup_logging,
     time_cpu,
@@ -527,10 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows: list[dict[str, Any]] = []
     if why_not:
-        meta["skipped"][kind] = why_not
-        write_rows(out, rows, meta)
-        log.error("--device %s: %s (wrote %s)", args.device, why_not, out)
-        return 1
+        return refuse_device(out, meta, args.device, why_not)
 
     wanted = PROVIDERS[kind] if args.providers is None else tuple(args.providers.split(","))
     providers: dict[str, Provider] = {}

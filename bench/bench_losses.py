@@ -26,6 +26,7 @@ from _common import (  # noqa: E402
     format_table,
     output_path,
     peak_memory,
+    refuse_device,
     resolve_device,
     setup_logging,
     time_cpu,
@@ -160,10 +161,7 @@ def main(argv=None) -> int:
     out_path = output_path(args, "bench_losses", kind)
     meta = {"device_kind": kind, "smoke": args.smoke, "modes": args.modes, "skipped": {}, "budget_s": args.budget_s}
     if why_not:
-        meta["skipped"]["all"] = why_not
-        write_rows(out_path, [], meta)
-        print(why_not)
-        return 1
+        return refuse_device(out_path, meta, args.device, why_not)
     dtype = torch.bfloat16 if kind == "cuda" else torch.float32
     contrastive_shapes = SMOKE_CONTRASTIVE if args.smoke else CONTRASTIVE_SHAPES
     soft_shapes = SMOKE_SOFT_CE if args.smoke else SOFT_CE_SHAPES

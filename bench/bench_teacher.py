@@ -51,6 +51,7 @@ from _common import (
     format_table,
     output_path,
     quantiles_ms,
+    refuse_device,
     resolve_device,
     time_cpu,
     time_gpu,
@@ -235,10 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows: list[dict[str, Any]] = []
     if why_not:
-        meta["skipped"][kind] = why_not
-        write_rows(out, rows, meta)
-        log.error("--device %s: %s (wrote %s)", args.device, why_not, out)
-        return 1
+        return refuse_device(out, meta, args.device, why_not)
     with contextlib.suppress(ImportError):
         import transformers
 
