@@ -39,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return args.func(args)
+    from kclip.errors import KclipError
+
+    try:
+        return args.func(args)
+    except KclipError as e:  # bad input: the message says what and why; no traceback
+        print(f"kclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

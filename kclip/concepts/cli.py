@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -31,21 +30,6 @@ def _fit(args: argparse.Namespace) -> int:
         f"tau={meta['temperature']:.4g} ({meta['labels']} labels), {meta['seconds']['total']:.1f} s"
     )
     return 0
-
-
-def _run(fn):
-    def wrapped(args: argparse.Namespace) -> int:
-        from kclip.concepts.fit import ConceptsError
-        from kclip.data.shards import DataError
-        from kclip.teacher.store import StoreError
-
-        try:
-            return fn(args)
-        except (ConceptsError, StoreError, DataError) as e:
-            print(f"kclip concepts: error: {e}", file=sys.stderr)
-            return 2
-
-    return wrapped
 
 
 def register(subparsers) -> None:
@@ -80,4 +64,4 @@ def register(subparsers) -> None:
     p.add_argument("--classifier", choices=("mlp", "linear"), default="mlp", help="C: width->64->K MLP, or linear")
     p.add_argument("--classifier-epochs", type=int, default=20)
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=_run(_fit))
+    p.set_defaults(func=_fit)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from kclip._atomic import atomic_path
+from kclip.errors import KclipError
 from kclip.teacher.store import StoreError, TeacherStore, write_json
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ CLASSIFIER_MAX_ROWS = 200_000
 _CHUNK_ROWS_BYTES = 64 << 20
 
 
-class ConceptsError(ValueError):
+class ConceptsError(KclipError, ValueError):
     """Bad input to `kclip concepts fit`; the message names it."""
 
 

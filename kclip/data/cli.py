@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 
 log = logging.getLogger(__name__)
@@ -113,19 +112,6 @@ def _inspect_csv(args: argparse.Namespace) -> dict:
     }
 
 
-def _run(fn):
-    def wrapped(args: argparse.Namespace) -> int:
-        from kclip.data.shards import DataError
-
-        try:
-            return fn(args)
-        except DataError as e:
-            print(f"kclip data: error: {e}", file=sys.stderr)
-            return 2
-
-    return wrapped
-
-
 def register(subparsers) -> None:
     """Add `kclip data ...` to the kclip command line."""
     data = subparsers.add_parser("data", help="make, index and inspect datasets")
@@ -149,7 +135,7 @@ def register(subparsers) -> None:
     p.add_argument("--index", action="store_true", help="run `kclip data index` on the output afterwards")
     p.add_argument("--show-bad", type=int, default=20, help=argparse.SUPPRESS)
     common(p)
-    p.set_defaults(func=_run(_synth))
+    p.set_defaults(func=_synth)
 
     p = sub.add_parser(
         "index",
@@ -162,7 +148,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--show-bad", type=int, default=20, help="bad samples to list (20)")
     common(p)
-    p.set_defaults(func=_run(_index))
+    p.set_defaults(func=_index)
 
     p = sub.add_parser("inspect", help="number of samples, the bad ones and why (shards or a CSV)")
     p.add_argument("path", help="shards (as for index) or an open_clip-style .csv/.tsv")
@@ -175,4 +161,4 @@ def register(subparsers) -> None:
     p.add_argument("--csv-key", default=None, help="column of sample keys (default: the row number)")
     p.add_argument("--csv-root", default=None, help="folder of relative image paths (default: the CSV's)")
     common(p)
-    p.set_defaults(func=_run(_inspect))
+    p.set_defaults(func=_inspect)

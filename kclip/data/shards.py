@@ -18,11 +18,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from kclip.errors import KclipError
+
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 
 
-class DataError(ValueError):
+class DataError(KclipError, ValueError):
     """A data path or file that kclip cannot use, with a message saying why and what to do."""
 
 

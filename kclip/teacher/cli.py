@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -45,21 +44,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(fn):
-    def wrapped(args: argparse.Namespace) -> int:
-        from kclip.data.shards import DataError
-        from kclip.teacher.model import TeacherError
-        from kclip.teacher.store import StoreError
-
-        try:
-            return fn(args)
-        except (DataError, StoreError, TeacherError) as e:
-            print(f"kclip teacher: error: {e}", file=sys.stderr)
-            return 2
-
-    return wrapped
-
-
 def register(subparsers) -> None:
     """Add `kclip teacher ...` to the kclip command line."""
     from kclip.teacher import DEFAULT_MODEL, DTYPE_NAMES, POOLINGS
@@ -94,9 +78,9 @@ def register(subparsers) -> None:
     p.add_argument("--csv-key", default=None, help="column of sample keys (default: the row number)")
     p.add_argument("--csv-root", default=None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run(_embed))
+    p.set_defaults(func=_embed)
 
     p = sub.add_parser("info", help="print a store's metadata (refuses an incomplete store, naming the fix)")
     p.add_argument("store")
     p.add_argument("--check", action="store_true", help="also read every row and refuse NaN or inf")
-    p.set_defaults(func=_run(_info))
+    p.set_defaults(func=_info)

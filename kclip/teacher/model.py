@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kclip.errors import KclipError
 from kclip.teacher import DEFAULT_MODEL, DTYPE_NAMES, POOLINGS
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32), s
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
-class TeacherError(RuntimeError):
+class TeacherError(KclipError, RuntimeError):
     """A teacher model that cannot be found or loaded, or captions it cannot embed; the message names the input."""
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from kclip._atomic import atomic_path
+from kclip.errors import KclipError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ _PART = re.compile(r"part-(\d{3})-(\d{6})\.json")
 _CHUNK_BYTES = 64 << 20  # float16 bytes of rows gathered at once while finalising
 
 
-class StoreError(ValueError):
+class StoreError(KclipError, ValueError):
     """A teacher store that cannot be used as asked; the message names the store and what to run."""
 
 
