@@ -165,6 +165,17 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _kernel_targets(targets, indices, weights):
+    """The kernels' view of the soft targets: (dense, targets, indices, weights, top_k), row-major. Dense targets
+    fill all three pointer slots (the top-k ones go unread) and top_k is 0; top-k targets pass their weights as
+    the dense slot (unread)."""
+    if targets is not None:
+        targets = _rowmajor(targets)
+        return True, targets, targets, targets, 0
+    idx, w = _rowmajor(indices), _rowmajor(weights)
+    return False, w, idx, w, idx.shape[1]
+
+
 def soft_label_ce_forward(
     logits: torch.Tensor,
     targets: torch.Tensor | None = None,
@@ -179,15 +190,7 @@ def soft_label_ce_forward(
     """
     logits = _rowmajor(logits)
     n_rows, k = logits.shape
-    dense = targets is not None
-    if dense:
-        targets = _rowmajor(targets)
-        idx = w = targets
-        topk = 0
-    else:
-        idx, w = _rowmajor(indices), _rowmajor(weights)
-        targets = w
-        topk = idx.shape[1]
+    dense, targets, idx, w, topk = _kernel_targets(targets, indices, weights)
     loss_rows = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(loss_rows)
     ssum = torch.empty_like(loss_rows)
@@ -212,15 +215,7 @@ def soft_label_ce_backward(
     """Launch the backward kernel: ∂loss/∂logits [B, K] in the logits' dtype, scaled by ``grad``."""
     logits = _rowmajor(logits)
     n_rows, k = logits.shape
-    dense = targets is not None
-    if dense:
-        targets = _rowmajor(targets)
-        idx = w = targets
-        topk = 0
-    else:
-        idx, w = _rowmajor(indices), _rowmajor(weights)
-        targets = w
-        topk = idx.shape[1]
+    dense, targets, idx, w, topk = _kernel_targets(targets, indices, weights)
     d_logits = torch.empty_like(logits)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_B"]),)
     _soft_label_ce_bwd_kernel[grid](
