@@ -7,6 +7,8 @@ import json
 import logging
 import time
 
+from kclip.data.shards import SPLIT_SEP, named_splits
+
 log = logging.getLogger(__name__)
 
 
@@ -27,9 +29,11 @@ def _synth(args: argparse.Namespace) -> int:
     )
     counts = ", ".join(f"{k} {v}" for k, v in record["counts"].items())
     print(f"wrote {args.out}: {counts} samples ({time.perf_counter() - t0:.1f} s)")
+    splits = ",".join(s for s, n in record["counts"].items() if n > 0)
     if args.index:
-        return _index(argparse.Namespace(**{**vars(args), "path": args.out, "index_dir": None, "json": False}))
-    print(f"next: kclip data index {args.out}")
+        path = f"{args.out}{SPLIT_SEP}{splits}"
+        return _index(argparse.Namespace(**{**vars(args), "path": path, "index_dir": None, "json": False}))
+    print(f"next: kclip data index {args.out}{SPLIT_SEP}{splits}")
     return 0
 
 
@@ -47,45 +51,54 @@ def _print_bad(summary: dict, limit: int) -> None:
 def _index(args: argparse.Namespace) -> int:
     from kclip.data.index import index_dataset
 
-    t0 = time.perf_counter()
-    summary = index_dataset(args.path, index_dir=args.index_dir, workers=args.workers, progress=not args.quiet)
+    splits = named_splits(args.path)  # refuses a dataset root before any work
+    summaries = {}
+    for name, path in splits:
+        t0 = time.perf_counter()
+        summary = index_dataset(path, index_dir=args.index_dir, workers=args.workers, progress=not args.quiet)
+        summaries[name] = summary
+        if not args.json:
+            print(
+                f"{name}: indexed {len(summary['shards'])} shards in {time.perf_counter() - t0:.1f} s: "
+                f"{summary['samples']} samples, {summary['good_samples']} indexed, {summary['bad_samples']} left out"
+            )
+            for reason, n in summary["reasons"].items():
+                print(f"  {n:8d}  {reason}")
+            _print_bad(summary, args.show_bad)
     if args.json:
-        print(json.dumps(summary, indent=1))
-        return 0
-    print(
-        f"indexed {len(summary['shards'])} shards in {time.perf_counter() - t0:.1f} s: {summary['samples']} samples, "
-        f"{summary['good_samples']} indexed, {summary['bad_samples']} left out"
-    )
-    for reason, n in summary["reasons"].items():
-        print(f"  {n:8d}  {reason}")
-    _print_bad(summary, args.show_bad)
+        print(json.dumps(summaries[splits[0][0]] if len(splits) == 1 else summaries, indent=1))
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from kclip.data.pipeline import detect_format
 
-    if detect_format(args.path) == "csv":
-        summary = _inspect_csv(args)
-    else:
-        from kclip.data.index import inspect_dataset
+    splits = named_splits(args.path)
+    summaries = {}
+    for name, path in splits:
+        if detect_format(path) == "csv":
+            summary = _inspect_csv(args, path)
+        else:
+            from kclip.data.index import inspect_dataset
 
-        summary = inspect_dataset(args.path, index_dir=args.index_dir, workers=args.workers, progress=not args.quiet)
+            summary = inspect_dataset(path, index_dir=args.index_dir, workers=args.workers, progress=not args.quiet)
+        summaries[name] = summary
+        if args.json:
+            continue
+        indexed = summary.get("indexed_shards")
+        where = f"{len(summary['shards'])} shards ({indexed} indexed)" if indexed is not None else "CSV"
+        print(f"{path}: {where}, {summary['samples']} samples, {summary['bad_samples']} bad")
+        for reason, n in summary["reasons"].items():
+            print(f"  {n:8d}  {reason}")
+        _print_bad(summary, args.show_bad)
+        if indexed is not None and indexed < len(summary["shards"]):
+            print(f"not indexed: {len(summary['shards']) - indexed} shards; run `kclip data index {path}`")
     if args.json:
-        print(json.dumps(summary, indent=1))
-        return 0
-    indexed = summary.get("indexed_shards")
-    where = f"{len(summary['shards'])} shards ({indexed} indexed)" if indexed is not None else "CSV"
-    print(f"{args.path}: {where}, {summary['samples']} samples, {summary['bad_samples']} bad")
-    for reason, n in summary["reasons"].items():
-        print(f"  {n:8d}  {reason}")
-    _print_bad(summary, args.show_bad)
-    if indexed is not None and indexed < len(summary["shards"]):
-        print(f"not indexed: {len(summary['shards']) - indexed} shards; run `kclip data index {args.path}`")
+        print(json.dumps(summaries[splits[0][0]] if len(splits) == 1 else summaries, indent=1))
     return 0
 
 
-def _inspect_csv(args: argparse.Namespace) -> dict:
+def _inspect_csv(args: argparse.Namespace, path: str) -> dict:
     from collections import Counter
 
     from tqdm.auto import tqdm
@@ -96,13 +109,13 @@ def _inspect_csv(args: argparse.Namespace) -> dict:
 
     spec = CsvSpec(args.csv_img_key, args.csv_caption_key, args.csv_sep, args.csv_key, args.csv_root)
     bad, total = [], 0
-    for row in tqdm(iter_csv(args.path, spec), unit="row", desc="inspect", disable=args.quiet):
+    for row in tqdm(iter_csv(path, spec), unit="row", desc="inspect", disable=args.quiet):
         total += 1
         _, why = check_sample(_csv_sample(row))
         if why is not None:
             bad.append({"key": row.key, "reason": why})
     reasons = Counter(b["reason"].split(":", 1)[0] for b in bad)
-    report = {"shard": args.path, "samples": total, "good_samples": total - len(bad), "bad": bad}
+    report = {"shard": path, "samples": total, "good_samples": total - len(bad), "bad": bad}
     return {
         "shards": [report],
         "samples": total,
@@ -143,7 +156,11 @@ def register(subparsers) -> None:
         description="Reads every sample once: its image must decode and its caption exist. Writes S.idx (DALI's "
         "wds2idx format, good samples only) and S_index.json (what was left out and why) beside each shard S.tar.",
     )
-    p.add_argument("path", help="a directory of shards, a .tar, or brace patterns joined by '::'")
+    p.add_argument(
+        "path",
+        help="shards: a directory of them, a split (DIR/train or DIR:train), splits each on its own "
+        "(DIR:train,heldout), a .tar, or brace patterns joined by '::'",
+    )
     p.add_argument("--index-dir", default=None, help="write the index files here instead of beside the shards")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--show-bad", type=int, default=20, help="bad samples to list (20)")
@@ -151,7 +168,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_index)
 
     p = sub.add_parser("inspect", help="number of samples, the bad ones and why (shards or a CSV)")
-    p.add_argument("path", help="shards (as for index) or an open_clip-style .csv/.tsv")
+    p.add_argument("path", help="shards or splits (as for index) or an open_clip-style .csv/.tsv")
     p.add_argument("--index-dir", default=None, help="where the index files are, when not beside the shards")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--show-bad", type=int, default=20, help="bad samples to list (20)")

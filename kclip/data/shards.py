@@ -4,6 +4,11 @@ A shard is a POSIX tar of samples; the files of one sample are consecutive and s
 (``000012345.jpg``, ``000012345.txt``, ``000012345.json``). A path names shards as open_clip's ``--train-data``
 does: a directory of ``*.tar``, one ``.tar`` file, or brace-expanded patterns (``data/{00000..00041}.tar``), several
 joined with ``::``.
+
+Splits. A *dataset root* keeps each split's shards in a folder of its own (``DIR/train``, ``DIR/heldout``, ...), as
+``kclip data synth`` writes it. A split is named as ``DIR/train`` or ``DIR:train``; the root itself is refused with
+a message listing its splits, so no command reads several splits as one. The commands that handle several splits,
+each on its own (``kclip data index|inspect``, ``kclip teacher embed``), take ``DIR:train,heldout`` (`named_splits`).
 """
 
 from __future__ import annotations
@@ -62,25 +67,85 @@ def expand_braces(pattern: str) -> list[str]:
     return [e for item in items for e in expand_braces(head + item + tail)]
 
 
+SPLIT_SEP = ":"  # DIR:SPLIT names the split folder DIR/SPLIT of a dataset root
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.tar") if p.is_file())
+
+
+def dataset_splits(root: str | os.PathLike) -> list[str]:
+    """Names of the split folders of a dataset root: its subdirectories that hold ``*.tar`` shards, sorted, as
+    ``kclip data synth`` writes them (train/, heldout/, compositional/); [] for a folder of shards or a file."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _shard_files(p))
+
+
+def _several_splits_error(root: Path, splits: list[str], given: str) -> DataError:
+    listed = ", ".join(splits)
+    return DataError(
+        f"{given}: a dataset root with the splits {listed}; name one split, as {root / splits[0]} or "
+        f"{root}{SPLIT_SEP}{splits[0]} (splits are never read together)"
+    )
+
+
+def split_path(item: str) -> tuple[Path, str | None]:
+    """(path, split name) of one path item: ``DIR:SPLIT`` gives (DIR/SPLIT, SPLIT) where DIR is a directory;
+    anything else is a path as it is, with no split named.
+
+    Raises:
+        DataError: DIR:SPLIT where DIR has no split of that name (the message lists those it has).
+    """
+    p = Path(item).expanduser()
+    if SPLIT_SEP in item and not p.exists():
+        base, name = item.rsplit(SPLIT_SEP, 1)
+        root = Path(base).expanduser()
+        if root.is_dir():
+            if "," in name:
+                raise DataError(
+                    f"{item}: names several splits ({name}); this command reads one split (only `kclip data "
+                    "index|inspect` and `kclip teacher embed` take a list of splits)"
+                )
+            if not _SPLIT_NAME.fullmatch(name) or not (root / name).is_dir():
+                have = dataset_splits(root)
+                raise DataError(
+                    f"{item}: {root} has no split {name!r}"
+                    + (f" (its splits: {', '.join(have)})" if have else " (it is not a dataset root with splits)")
+                )
+            return root / name, name
+    return p, None
+
+
 def resolve_shards(path: str | os.PathLike) -> list[Path]:
     """The tar shards a path names, in order.
 
     Args:
-        path: a directory (its ``*.tar``; where it has none, those of its subdirectories, sorted), a ``.tar`` file,
-            or brace patterns joined by ``::``.
+        path: a directory of ``*.tar`` shards, a split of a dataset root (``DIR/train`` or ``DIR:train``), a
+            ``.tar`` file, or brace patterns joined by ``::``. A dataset root itself (a folder whose shards sit in
+            split subfolders) is refused: splits are never read as one.
 
     Raises:
-        DataError: the path does not exist, names no shard, or names a file that is not a tar archive.
+        DataError: the path does not exist, names no shard, names a dataset root with several splits (the
+            message lists them and shows how to name one), or names a file that is not a tar archive.
     """
     text = os.fspath(path)
     shards: list[Path] = []
     for part in text.split("::"):
         for item in expand_braces(part):
-            p = Path(item).expanduser()
+            p, _ = split_path(item)
             if p.is_dir():
-                found = sorted(p.glob("*.tar")) or sorted(p.rglob("*.tar"))
+                found = _shard_files(p)
                 if not found:
+                    splits = dataset_splits(p)
+                    if splits:
+                        raise _several_splits_error(p, splits, item)
                     raise DataError(f"{p}: a directory without .tar shards (expected img2dataset's webdataset layout)")
+                for f in found:
+                    if not tarfile.is_tarfile(f):
+                        raise DataError(f"{f}: named .tar but not a tar archive (in the shard directory {p})")
                 shards += found
             elif p.is_file():
                 if not tarfile.is_tarfile(p):
@@ -91,6 +156,38 @@ def resolve_shards(path: str | os.PathLike) -> list[Path]:
     if not shards:
         raise DataError(f"{text!r} names no shard")
     return shards
+
+
+def named_splits(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(split name, path of that split alone) for each split a path names, for the commands that take several:
+    ``DIR:train,heldout`` gives [("train", "DIR/train"), ("heldout", "DIR/heldout")]; any other path is one
+    split, named after its last folder or file (``data/cc3m`` -> "cc3m", ``train.csv`` -> "train",
+    ``DIR:train`` and ``DIR/train`` -> "train"). A dataset root is refused as by `resolve_shards`.
+
+    Raises:
+        DataError: a split that does not exist, a dataset root, or a split named twice.
+    """
+    text = os.fspath(path)
+    out: list[tuple[str, str]] = []
+    if "::" not in text and SPLIT_SEP in text and not Path(text).exists():
+        base, names = text.rsplit(SPLIT_SEP, 1)
+        if Path(base).expanduser().is_dir() and "," in names:
+            for name in names.split(","):
+                p, _ = split_path(f"{base}{SPLIT_SEP}{name}")
+                out.append((name, str(p)))
+    if not out:
+        first, name = split_path(expand_braces(text.split("::")[0])[0])
+        if name is None:
+            plain = Path(text.split("::")[0])
+            named = plain.parent if "{" in plain.name or not (first.is_dir() or first.is_file()) else first
+            name = named.name.removesuffix(".tar")
+            for suffix in (".csv", ".tsv"):
+                name = name.removesuffix(suffix)
+        out.append((name or "data", text))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise DataError(f"{text}: a split is named twice ({', '.join(names)})")
+    return out
 
 
 def split_name(name: str) -> tuple[str, str]:
