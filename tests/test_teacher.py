@@ -138,8 +138,11 @@ def test_store_format_matches_the_contract(tiny_llama, tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     for field in ("format", "version", "model", "pooling", "max_length", "dtype", "width", "count", "complete"):
         assert field in meta, field
-    assert meta["format"] == "kclip.teacher_store" and meta["version"] == 1 and meta["dtype"] == "float16"
+    assert meta["format"] == "kclip.teacher_store" and meta["version"] == 2 and meta["dtype"] == "float16"
     assert meta["complete"] is True and meta["count"] == 40 and "created" in meta
+    assert meta["splits"] == {"data": {"count": 40, "data": str((tmp_path / "data").resolve()), "skipped": 0}}
+    assert meta["teacher_dtype"] == "fp32" and meta["pool_skips_bos"] is True  # the tiny tokenizer adds BOS
+    assert np.array_equal(np.load(out / "split.npy"), np.zeros(40, np.uint8))
     assert not (out / "parts").exists()
     stored_keys = np.load(out / "keys.npy", mmap_mode="r")
     assert stored_keys.dtype.kind == "S" and (stored_keys[1:] > stored_keys[:-1]).all()
@@ -279,13 +282,117 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
     assert main(["teacher", "embed", "--data", str(tmp_path), "--out", str(tmp_path / "s"), "-q"]) == 2
 
 
-def test_empty_caption_is_named(tiny_llama, tmp_path):
+def test_empty_captions_are_skipped_and_counted(tiny_llama, tmp_path):
+    """Shards (unindexed) and a CSV: a sample with an empty caption is left out and counted, as the loaders do."""
+    kw = dict(model=str(tiny_llama), dtype="fp32", progress=False)
     write_shards(tmp_path / "data", ["a red circle", "   ", "two stars"], per_shard=8)
-    with pytest.raises(DataError, match=r"00000\.tar sample 000000001: empty caption.*kclip data index"):
-        embed(tmp_path / "data", tmp_path / "store", model=str(tiny_llama), dtype="fp32", progress=False)
+    result = embed(tmp_path / "data", tmp_path / "store", **kw)
+    assert result["count"] == 2 and result["bad"] == 1
+    store = TeacherStore(tmp_path / "store")
+    assert [k.decode() for k in store.keys] == ["000000000", "000000002"]
+    assert store.meta["splits"]["data"]["skipped"] == 1
+    csv = tmp_path / "pairs.tsv"
+    csv.write_text("filepath\ttitle\na.jpg\ta star\nb.jpg\t\nc.jpg\ttwo circles\n")
+    result = embed(csv, tmp_path / "csv_store", **kw)
+    assert result["count"] == 2 and result["bad"] == 1
+    assert [k.decode() for k in TeacherStore(tmp_path / "csv_store").keys] == ["000000000", "000000002"]
     teacher = load_teacher(str(tiny_llama), dtype="fp32")
     with pytest.raises(TeacherError, match="caption 1 is empty"):
         Embedder(teacher).embed(["a star", ""])
+
+
+def test_data_and_device_errors_come_before_the_model_load(tiny_llama, tmp_path, monkeypatch, capsys):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(embed_module, "load_teacher", no_load)
+    csv = tmp_path / "pairs.tsv"
+    csv.write_text("path\tcaption\na.jpg\ta star\n")
+    with pytest.raises(DataError, match=r"no column 'filepath', 'title' in the header \['path', 'caption'\]"):
+        embed(csv, tmp_path / "s", model=str(tiny_llama), progress=False)
+    root = tmp_path / "root"
+    write_shards(root / "train", _captions(4))
+    write_shards(root / "heldout", _captions(4), start_key=100)
+    with pytest.raises(DataError, match="splits heldout, train"):
+        embed(root, tmp_path / "s", model=str(tiny_llama), progress=False)
+    if not torch.cuda.is_available():
+        argv = ["teacher", "embed", "--data", str(root / "train"), "--out", str(tmp_path / "s"), "--device", "cuda"]
+        assert main([*argv, "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "--device cuda: torch sees no usable CUDA device" in err and "Traceback" not in err
+
+
+def test_resume_with_another_dtype_is_refused(tiny_llama, tmp_path, monkeypatch):
+    write_shards(tmp_path / "data", _captions(20), per_shard=8)
+    kw = dict(model=str(tiny_llama), batch_size=4, part_size=8, progress=False)
+    real_write = embed_module.write_part
+
+    def write_once_then_die(*args, **kwargs):
+        if list_parts(args[0]):
+            raise KeyboardInterrupt("simulated interruption")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "write_part", write_once_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        embed(tmp_path / "data", tmp_path / "store", dtype="fp32", **kw)
+    monkeypatch.setattr(embed_module, "write_part", real_write)
+    with pytest.raises(StoreError, match="partly written store made with --dtype fp32; this run asks for --dtype bf16"):
+        embed(tmp_path / "data", tmp_path / "store", dtype="bf16", **kw)
+    teacher = load_teacher(str(tiny_llama), dtype="fp16")  # a loaded teacher's dtype counts as well
+    with pytest.raises(StoreError, match="--dtype fp16"):
+        embed(tmp_path / "data", tmp_path / "store", teacher=teacher, **kw)
+    assert embed(tmp_path / "data", tmp_path / "store", dtype="fp32", **kw)["count"] == 20
+
+
+def test_pool_skips_bos_says_whether_the_tokenizer_adds_one():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from kclip.teacher.model import Teacher
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # no post-processor: no BOS added, as SmolLM2's
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
+    assert fast.bos_token_id == 1
+    assert Teacher(None, fast, "t", "t", 8).prepends_bos is False
+
+
+def test_a_store_of_several_splits(tiny_llama, tmp_path):
+    """DIR:train,heldout: one store, the split of every row, each split's stats, and split views."""
+    root = tmp_path / "root"
+    train_caps, held_caps = _captions(30), _captions(40)[30:]
+    train_keys = write_shards(root / "train", train_caps, per_shard=8)
+    held_keys = write_shards(root / "heldout", held_caps, per_shard=8, start_key=1000)
+    out = tmp_path / "store"
+    kw = dict(model=str(tiny_llama), dtype="fp32", batch_size=4, part_size=7, progress=False)
+    result = embed(f"{root}:train,heldout", out, **kw)
+    assert result["count"] == 40
+    whole = TeacherStore(out)
+    assert whole.splits == ["train", "heldout"]
+    assert {n: v["count"] for n, v in whole.meta["splits"].items()} == {"train": 30, "heldout": 10}
+    assert whole.meta["splits"]["heldout"]["data"] == str((root / "heldout").resolve())
+    codes = np.load(out / "split.npy")
+    assert codes.tolist() == [0] * 30 + [1] * 10  # keys sort train (0...) before heldout (1000...)
+    rows = whole.rows(train_keys + held_keys)
+    train, held = TeacherStore(out, "train"), TeacherStore(out, split="heldout")
+    assert train.count == 30 and [k.decode() for k in train.keys] == train_keys
+    assert np.array_equal(np.asarray(held.embeddings, np.float32), rows[30:])
+    assert np.array_equal(held.rows(held_keys[::-1]), rows[30:][::-1])
+    np.testing.assert_allclose(train.mean, rows[:30].astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(held.std, rows[30:].astype(np.float64).std(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole.mean, rows.astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(train.mean, held.mean)
+    # held-out rows standardised as training standardises: with the training split's statistics
+    z = TeacherStore(out, "heldout", stats="train").rows(held_keys, standardize=True)
+    np.testing.assert_allclose(z, (rows[30:] - train.mean) / train.std, rtol=1e-5, atol=1e-5)
+    with pytest.raises(StoreError, match="not in its split 'train'.*belong to another split"):
+        train.rows(held_keys[:2])
+    with pytest.raises(StoreError, match=r"no split 'val' in the store \(its splits: train, heldout\)"):
+        TeacherStore(out, "val")
+    # the same data again: complete, nothing embedded; other splits: refused
+    assert embed(f"{root}:train,heldout", out, **kw)["embedded"] == 0
+    with pytest.raises(StoreError, match="--data"):
+        embed(f"{root}:train", out, **kw)
 
 
 def test_store_of_other_data_is_refused(tiny_llama, tmp_path):
@@ -293,11 +400,11 @@ def test_store_of_other_data_is_refused(tiny_llama, tmp_path):
     write_shards(tmp_path / "a", _captions(12))
     other_keys = write_shards(tmp_path / "b", _captions(12), start_key=500)
     embed(tmp_path / "a", tmp_path / "store", **kw)
-    with pytest.raises(StoreError, match="data="):
+    with pytest.raises(StoreError, match=r"--data \S+/a; this run asks for --data \S+/b"):
         embed(tmp_path / "b", tmp_path / "store", **kw)
     with pytest.raises(StoreError, match="not in the store.*000000500"):
         TeacherStore(tmp_path / "store").check_keys(other_keys, what="the dataset b")
-    with pytest.raises(StoreError, match="pooling="):
+    with pytest.raises(StoreError, match="--pooling last"):
         embed(tmp_path / "a", tmp_path / "store", pooling="last", **kw)
 
 

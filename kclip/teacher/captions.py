@@ -5,6 +5,9 @@ kclip.data's readers decode images; the teacher needs only the captions. For web
 members are read, at the offsets the index gives. Unindexed shards are walked through their tar headers, again
 reading only the ``.txt`` members. CSV rows come from kclip.data.csvfile.
 
+A sample without a caption, or with an empty one, is skipped and counted, as the loaders of training skip it:
+nothing downstream ever asks the teacher for such a key.
+
 Sharding for torchrun: with at least as many shards as ranks, rank r takes shards r, r + W, ...; otherwise (or for
 a CSV) samples are dealt round-robin by their position in the dataset.
 """
@@ -16,7 +19,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from kclip.data.csvfile import CsvSpec, iter_csv
+from kclip.data.csvfile import CsvSpec, check_csv, iter_csv
 from kclip.data.index import read_dali_index, read_report
 from kclip.data.pipeline import detect_format
 from kclip.data.shards import CAPTION_EXT, DataError, iter_tar, resolve_shards, split_name
@@ -53,15 +56,17 @@ def caption_source(
     index_dir: str | os.PathLike | None = None,
     csv_spec: CsvSpec | None = None,
 ) -> CaptionSource:
-    """Resolve a dataset path for one rank (see the module docstring).
+    """Resolve a dataset path for one rank (see the module docstring); a CSV's columns are checked here, before
+    anything slow (a model load) starts.
 
     Raises:
-        DataError: the path does not exist or is not a dataset kclip reads.
+        DataError: the path does not exist, is not a dataset kclip reads, or is a CSV without its columns.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     text = os.fspath(path)
     if detect_format(text) == "csv":
+        check_csv(text, csv_spec)
         return CaptionSource(text, "csv", rank=rank, world_size=world_size, by_sample=True, csv_spec=csv_spec)
     shards = resolve_shards(text)
     reports = [read_report(s, index_dir) for s in shards]
@@ -132,21 +137,18 @@ def _samples(src: CaptionSource) -> Iterator[tuple[str, str | None, str]]:
                 yield sample.key, _decode(f.read(txt.size), where), where
 
 
-def iter_captions(src: CaptionSource) -> Iterator[tuple[str, str]]:
-    """(key, caption) of this rank's samples, in dataset order.
+def iter_captions(src: CaptionSource, bad: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, str]]:
+    """(key, caption) of this rank's samples, in dataset order; a sample without a caption or with an empty one
+    is skipped, and (where, reason) of it appended to `bad` when given.
 
     Raises:
-        DataError: a sample without a caption, or with an empty one, naming the file and the key; for shards the
-            message points to `kclip data index`, which leaves such samples out (as training does).
+        DataError: a caption that is not UTF-8, or an unreadable sample of an unindexed shard.
     """
     for i, (key, caption, where) in enumerate(_samples(src)):
         if src.by_sample and i % src.world_size != src.rank:
             continue
         if not caption:
-            fix = (
-                "fix or remove the row"
-                if src.kind == "csv"
-                else f"run `kclip data index {src.path}`: the index leaves such samples out, as training does"
-            )
-            raise DataError(f"{where}: {'empty caption' if caption == '' else 'no caption (.txt)'}; {fix}")
+            if bad is not None:
+                bad.append((where, "empty caption" if caption == "" else "no caption (.txt)"))
+            continue
         yield key, caption

@@ -171,6 +171,18 @@ class Teacher:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def dtype_name(self) -> str:
+        """The --dtype name of the weights' dtype ("bf16", "fp16", "fp32")."""
+        return {v: k for k, v in DTYPES.items()}.get(self.dtype, str(self.dtype).removeprefix("torch."))
+
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether the tokenizer really starts a caption with its BOS token (SmolLM2's has a BOS id but adds none),
+        which is then left out of mean pooling."""
+        bos = self.tokenizer.bos_token_id
+        return bos is not None and self.tokenizer(["a photo"])["input_ids"][0][:1] == [bos]
+
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
     """Right padding and a pad token (Llama's tokenizers have none: EOS, else UNK, stands in; the attention mask
