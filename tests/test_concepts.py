@@ -8,19 +8,26 @@ import numpy as np
 import pytest
 import torch
 
+from kclip.cli import main
 from kclip.concepts import Concepts, ConceptsError, fit_concepts, load_classifier, to_space, train_classifier
 from kclip.concepts.fit import sq_distances, temperature_from_data
 from kclip.teacher.store import StoreError, TeacherStore, finalize, new_meta, write_json, write_part
 
 
-def make_store(root, rows: np.ndarray, *, part=100, complete=True, data=None):
-    """A teacher store holding `rows` under keys 000000000, 000000001, ... (written in shuffled parts)."""
+def make_store(root, rows: np.ndarray, *, part=100, complete=True, data=None, splits=None):
+    """A teacher store holding `rows` under keys 000000000, 000000001, ... (written in shuffled parts); `splits`
+    [N] names the split of each row (each part holds one split's rows)."""
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "meta.json", new_meta(model="test", pooling="mean", max_length=8, data=data, width=rows.shape[1]))
+    splits = np.asarray(["data"] * len(rows) if splits is None else splits)
     order = np.random.default_rng(0).permutation(len(rows))
-    for i, s in enumerate(range(0, len(rows), part)):
-        idx = order[s : s + part]
-        write_part(root, 0, i, [f"{j:09d}" for j in idx], rows[idx])
+    i = 0
+    for name in dict.fromkeys(splits.tolist()):
+        mine = order[splits[order] == name]
+        for s in range(0, len(mine), part):
+            idx = mine[s : s + part]
+            write_part(root, 0, i, [f"{j:09d}" for j in idx], rows[idx], split=name)
+            i += 1
     if complete:
         finalize(root, expected_count=len(rows))
     return root
@@ -139,6 +146,70 @@ def test_topk_labels_and_the_reader(tmp_path):
     assert dense.shape == (2, 8) and (dense.argmax(1) == idx[[7, 123], 0]).all()
     with pytest.raises(ConceptsError, match="no concept label"):
         concepts.labels(["999999999"])
+    # the top-k form for the soft-label cross-entropy: the stored arrays, row-normalised, int64 / float32
+    ti, tw = concepts.topk(keys)
+    assert ti.dtype == np.int64 and tw.dtype == np.float32 and ti.shape == tw.shape == (2, 3)
+    assert np.array_equal(ti, idx[[7, 123]])
+    np.testing.assert_allclose(tw, w[[7, 123]] / w[[7, 123]].astype(np.float32).sum(1, keepdims=True), rtol=1e-6)
+    one_i, one_w = concepts.topk(keys, top_k=1)
+    assert np.array_equal(one_i[:, 0], idx[[7, 123], 0]) and np.array_equal(one_w, np.ones((2, 1), np.float32))
+    with pytest.raises(ConceptsError, match="top_k 4 outside \\[1, 3\\].*larger --top-k"):
+        concepts.topk(keys, top_k=4)
+
+
+def test_topk_of_dense_labels_agrees_with_the_dense_rows(fitted):
+    concepts = Concepts(fitted[0])
+    keys = ["000000003", "000000100", "000000599"]
+    dense = concepts.labels(keys)
+    idx, w = concepts.topk(keys, top_k=2)
+    assert np.array_equal(idx, np.argsort(-dense, axis=1, kind="stable")[:, :2])
+    top = np.take_along_axis(dense, idx, axis=1)
+    np.testing.assert_allclose(w, top / top.sum(1, keepdims=True), rtol=1e-6)
+    full_i, full_w = concepts.topk(keys)
+    assert full_i.shape == (3, 6)
+    scattered = np.zeros_like(dense)
+    np.put_along_axis(scattered, full_i, full_w, axis=1)
+    np.testing.assert_allclose(scattered, dense / dense.sum(1, keepdims=True), rtol=1e-6, atol=1e-7)
+
+
+def test_classifier_input_width_is_checked_against_the_model(fitted):
+    concepts = Concepts(fitted[0])
+    assert concepts.embed_dim == 512 and concepts.meta["embed_dim"] == 512
+    concepts.check_embed_dim(512)
+    with pytest.raises(ConceptsError, match=r"C reads 512-d image features.*ViT-B-16 has a 768-d embedding"):
+        concepts.classifier(embed_dim=768, what="ViT-B-16")
+    assert concepts.classifier(embed_dim=512).config.embed_dim == 512
+
+
+def test_concepts_are_fitted_on_one_split(tmp_path, capsys):
+    """A store of train + heldout rows: fitting needs --split; only the split's rows shape the concepts."""
+    train_rows, _ = blobs(n=300, k=4, d=16, seed=3)
+    held_rows = blobs(n=100, k=4, d=16, seed=4, offset=-40.0)[0]  # far away: would pull centroids if used
+    rows = np.concatenate([train_rows, held_rows])
+    store = make_store(tmp_path / "store", rows, splits=["train"] * 300 + ["heldout"] * 100)
+    kw = dict(report=False, classifier_epochs=2)
+    with pytest.raises(ConceptsError, match="a store of the splits train, heldout; .* --split train"):
+        fit_concepts(store, tmp_path / "c", 4, **kw)
+    meta = fit_concepts(store, tmp_path / "c", 4, split="train", **kw)
+    assert meta["split"] == "train" and meta["count"] == 300
+    concepts = Concepts(tmp_path / "c")
+    assert [k.decode() for k in concepts.keys] == [f"{i:09d}" for i in range(300)]
+    view = TeacherStore(store, "train")
+    only_train = fit_concepts(make_store(tmp_path / "alone", train_rows), tmp_path / "c_alone", 4, **kw)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "c" / "centroids.npy"), np.load(tmp_path / "c_alone" / "centroids.npy")
+    )
+    assert meta["temperature"] == pytest.approx(only_train["temperature"])
+    np.testing.assert_allclose(view.mean, train_rows.mean(0), rtol=1e-4)
+    with pytest.raises(ConceptsError, match="no concept label"):
+        concepts.labels(["000000350"])
+    with pytest.raises(StoreError, match="no split 'val'"):
+        fit_concepts(store, tmp_path / "c2", 4, split="val", **kw)
+    argv = ["concepts", "fit", "--embeddings", str(store), "--k", "4", "--out", str(tmp_path / "c3"), "-q"]
+    assert main(argv) == 2
+    assert "--split train" in capsys.readouterr().err
+    assert main([*argv, "--split", "train", "--classifier-epochs", "1"]) == 0
+    assert "over 300 captions of the split train" in capsys.readouterr().out
 
 
 def test_spherical_k_means_in_the_normalized_space(tmp_path):

@@ -20,13 +20,15 @@ def _fit(args: argparse.Namespace) -> int:
         n_iter=args.iterations,
         device=args.device,
         data=args.data,
+        split=args.split,
         embed_dim=args.embed_dim,
         classifier=args.classifier,
         classifier_epochs=args.classifier_epochs,
         progress=not args.quiet,
     )
     print(
-        f"wrote {args.out}: K={meta['k']} concepts over {meta['count']} captions ({meta['space']} space), "
+        f"wrote {args.out}: K={meta['k']} concepts over {meta['count']} captions"
+        f"{' of the split ' + meta['split'] if meta['split'] else ''} ({meta['space']} space), "
         f"tau={meta['temperature']:.4g} ({meta['labels']} labels), {meta['seconds']['total']:.1f} s"
     )
     return 0
@@ -56,9 +58,14 @@ def register(subparsers) -> None:
     p.add_argument("--iterations", type=int, default=25, help="Lloyd iterations at most (25)")
     p.add_argument("--device", default="auto", help="k-means device: auto, cpu, cuda, reference")
     p.add_argument(
+        "--split",
+        default=None,
+        help="the store's split to fit on, e.g. train (required where the store covers several splits)",
+    )
+    p.add_argument(
         "--data",
         default=None,
-        help="the dataset: checks the store's keys against it (default: the store's, captions only)",
+        help="the dataset (or split) the store was made from: checks its keys (default: the store's, captions only)",
     )
     p.add_argument("--embed-dim", type=int, default=512, help="CLIP embedding width the classifier reads (512)")
     p.add_argument("--classifier", choices=("mlp", "linear"), default="mlp", help="C: width->64->K MLP, or linear")

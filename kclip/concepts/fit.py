@@ -163,6 +163,7 @@ def fit_concepts(
     n_iter: int = 25,
     device: str = "auto",
     data: str | os.PathLike | None = None,
+    split: str | None = None,
     embed_dim: int = 512,
     classifier: str = "mlp",
     classifier_epochs: int = 20,
@@ -183,8 +184,11 @@ def fit_concepts(
         space: "standardized" (default), "normalized" or "raw" (module docstring).
         n_iter: Lloyd iterations at most.
         device: k-means device ("auto", "cpu", "cuda", "reference").
-        data: the dataset, for member captions in the report and a key check; None: the store's recorded data
-            path, used for captions only where readable.
+        data: the dataset (the split), for member captions in the report and a key check; None: the store's
+            recorded data path, used for captions only where readable.
+        split: the split of the store to fit on (required where the store covers several): only its rows shape
+            the centroids, the temperature and C, and only its keys get labels; the rows standardise with its
+            statistics. Held-out captions keep their teacher rows in the store but never shape the concepts.
         embed_dim: E, the CLIP embedding width the classifier's head reads.
         classifier: "mlp" (E -> 64 -> K) or "linear".
         classifier_epochs: epochs of the classifier's training.
@@ -195,15 +199,15 @@ def fit_concepts(
         the meta.json record.
 
     Raises:
-        StoreError: the store is missing, incomplete, or does not match `data`; ConceptsError: K out of range,
-        NaN rows, bad options.
+        StoreError: the store is missing, incomplete, has no such split, or does not match `data`;
+        ConceptsError: a store of several splits without `split`, K out of range, NaN rows, bad options.
     """
     from kclip.cluster import KMeans
     from kclip.concepts.classifier import save_classifier, train_classifier
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    store = TeacherStore(store_path)
+    store = _split_view(store_path, split)
     n, d = store.count, store.width
     if space not in SPACES:
         raise ConceptsError(f"--space {space}: expected one of {', '.join(SPACES)}")
@@ -290,9 +294,11 @@ def fit_concepts(
             "labels": "dense" if dense else "topk",
             "top_k": None if dense else top_k,
             "seed": seed,
+            "embed_dim": embed_dim,
             "objective": km.objective,
             "count": n,
             "store": str(Path(store_path).resolve()),
+            "split": store.split,
             "teacher_model": store.meta.get("model"),
             "iterations": len(km.stats),
             "kmeans_backend": km.backend,
@@ -314,7 +320,7 @@ def fit_concepts(
                 tau_stats=tau_stats,
                 train_stats=train_stats,
                 kmeans_stats=km.stats,
-                data=data if data is not None else store.meta.get("data"),
+                data=data if data is not None else _recorded_data(store),
                 data_checked=data_checked,
                 seed=seed,
             )
@@ -384,6 +390,24 @@ def _dense_labels(out: Path, dense: bool, k: int, rows: np.ndarray) -> np.ndarra
     return y / y.sum(1, keepdims=True)
 
 
+def _split_view(store_path: str | os.PathLike, split: str | None) -> TeacherStore:
+    """The store, or the view of its split `split`; a store of several splits must be given one."""
+    store = TeacherStore(store_path)
+    if split is None and len(store.splits) > 1:
+        raise ConceptsError(
+            f"{store.root}: a store of the splits {', '.join(store.splits)}; name the one to fit on, as "
+            f"--split {store.splits[0]} (other splits must never shape the concepts)"
+        )
+    return store if split is None else TeacherStore(store_path, split)
+
+
+def _recorded_data(store: TeacherStore) -> str | None:
+    """The dataset the store (or its split) was embedded from, as it recorded it."""
+    if store.split is not None:
+        return store.meta["splits"][store.split].get("data")
+    return store.meta.get("data")
+
+
 def _check_data(store: TeacherStore, data: str | os.PathLike) -> str:
     """Raise StoreError unless the store holds exactly the dataset's keys."""
     from kclip.teacher.captions import caption_source, iter_captions
@@ -391,9 +415,10 @@ def _check_data(store: TeacherStore, data: str | os.PathLike) -> str:
     keys = [key for key, _ in iter_captions(caption_source(data))]
     store.check_keys(keys, what=f"the dataset {os.fspath(data)}")
     if len(keys) != store.count:
+        held = f"its split {store.split!r} holds" if store.split is not None else "holds"
         raise StoreError(
-            f"{store.root}: holds {store.count} rows but the dataset {os.fspath(data)} has {len(keys)} samples; the "
-            "store was made from other data"
+            f"{store.root}: {held} {store.count} rows but the dataset {os.fspath(data)} has {len(keys)} samples; "
+            "the store was made from other data"
         )
     return os.fspath(data)
 
