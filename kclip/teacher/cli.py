@@ -27,6 +27,8 @@ def _embed(args: argparse.Namespace) -> int:
     )
     if result["complete"]:
         done = f"{result['count']} rows" + (f" ({result['skipped']} resumed from parts)" if result["skipped"] else "")
+        if result["bad"]:
+            done += f", {result['bad']} samples without a caption skipped"
         print(
             f"wrote {result['store']}: {done}; {result['embedded']} captions embedded in {result['seconds']:.1f} s "
             f"({result['captions_per_s']:.1f} captions/s)"
@@ -57,7 +59,12 @@ def register(subparsers) -> None:
         "hidden states as fp16 rows sorted by sample key, with per-dimension mean and std. An interrupted run "
         "resumes from the parts it finished. Under torchrun each rank embeds its share of the shards.",
     )
-    p.add_argument("--data", required=True, help="webdataset shards (directory, .tar, brace patterns) or a CSV")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="webdataset shards (a directory, a split DIR/train or DIR:train, .tar, brace patterns), a CSV, or "
+        "several splits into one store: DIR:train,heldout,compositional",
+    )
     p.add_argument("--out", required=True, help="the store directory")
     p.add_argument(
         "--model",
