@@ -12,7 +12,7 @@ from PIL import Image
 
 from kclip.cli import main
 from kclip.data import synth as S
-from kclip.data.shards import iter_tar
+from kclip.data.shards import DataError, iter_tar
 
 SPLIT_COUNTS = {"train": 90, "heldout": 30, "compositional": 30}
 
@@ -188,3 +188,56 @@ def test_cli_synth_index_inspect(tmp_path, capsys):
     assert sorted(p.name for p in (out / "train").glob("*.idx")) == ["00000.idx", "00001.idx"]
     assert main(["data", "inspect", str(out / "train"), "--quiet"]) == 0
     assert "30 samples, 0 bad" in capsys.readouterr().out
+
+
+# (synth keyword arguments, the message's start: the flag and the value, then the allowed range)
+BAD_ARGS = [
+    ({"shard_size": 0}, r"--shard-size 0: must be in \[1, 10000\]"),
+    ({"shard_size": 10001}, r"--shard-size 10001: must be in \[1, 10000\]"),
+    ({"image_size": 16}, r"--image-size 16: must be at least 32 pixels"),
+    ({"num_samples": -5}, r"--num-samples -5: the train split's sample count must be >= 0"),
+    ({"num_heldout": -1}, r"--num-heldout -1: the heldout split's sample count must be >= 0"),
+    ({"num_compositional": -2}, r"--num-compositional -2: the compositional split's sample count must be >= 0"),
+    (
+        {"num_samples": 10001, "shard_size": 1},
+        r"--num-samples 10001: needs more than 10000 shards .* raise --shard-size",
+    ),
+    ({"workers": 0}, r"--workers 0: must be at least 1"),
+    ({"seed": -1}, r"--seed -1: must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message", BAD_ARGS, ids=[",".join(f"{k}={v}" for k, v in kw.items()) for kw, _ in BAD_ARGS]
+)
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, kwargs, message):
+    args = {"num_samples": 4, "num_heldout": 2, "num_compositional": 2, "image_size": 32, "shard_size": 2}
+    with pytest.raises(DataError, match="^" + message):
+        S.synth(tmp_path / "out", **{**args, "workers": 1, **kwargs}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_count_leaves_an_earlier_dataset_alone(tmp_path):
+    S.synth(tmp_path, 4, num_heldout=2, num_compositional=2, image_size=32, shard_size=2, workers=1, progress=False)
+    before = _digests(tmp_path)
+    with pytest.raises(DataError, match="--num-compositional -1"):
+        S.synth(tmp_path, 4, num_heldout=2, num_compositional=-1, image_size=32, shard_size=2, progress=False)
+    assert _digests(tmp_path) == before and len(before) == 4  # train and heldout were not cleared on the way
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--shard-size", "0", "--shard-size 0: must be in [1, 10000]"),
+        ("--image-size", "16", "--image-size 16: must be at least 32 pixels"),
+        ("--num-samples", "-5", "--num-samples -5: the train split's sample count must be >= 0"),
+        ("--workers", "0", "--workers 0: must be at least 1"),
+    ],
+)
+def test_cli_synth_bad_arguments_exit_2_without_a_traceback(tmp_path, capsys, flag, value, message):
+    argv = ["data", "synth", "--out", str(tmp_path / "out"), "--num-samples", "4", "--image-size", "32", "--quiet"]
+    assert main(argv + [flag, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"kclip data: error: {message}")
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err  # one line, no traceback
+    assert captured.out == "" and not (tmp_path / "out").exists()

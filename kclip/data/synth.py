@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from kclip._atomic import atomic_write_text
-from kclip.data.shards import ShardWriter, cpu_count
+from kclip.data.shards import DataError, ShardWriter, cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -566,6 +566,40 @@ def _clear_previous(split_dir: Path) -> None:
             p.unlink()
 
 
+# The command-line flag of each split's sample count: errors name the flag a user typed.
+_COUNT_FLAGS: dict[str, str] = {
+    "train": "--num-samples",
+    "heldout": "--num-heldout",
+    "compositional": "--num-compositional",
+}
+MIN_IMAGE_SIZE = 32
+MAX_SHARDS_PER_SPLIT = 10000  # shard numbers of a split stay below the next split's SHARD_BASE
+
+
+def _check_args(counts: dict[str, int], *, seed: int, image_size: int, shard_size: int, workers: int | None) -> None:
+    """Refuse out-of-range arguments of `synth` before any file is touched: an error found in the third split must
+    not leave the first two cleared."""
+    if not 1 <= shard_size <= KEY_SAMPLES_PER_SHARD:
+        raise DataError(
+            f"--shard-size {shard_size}: must be in [1, {KEY_SAMPLES_PER_SHARD}] samples per shard "
+            f"(img2dataset's 9-digit keys hold at most {KEY_SAMPLES_PER_SHARD} per shard)"
+        )
+    if image_size < MIN_IMAGE_SIZE:
+        raise DataError(f"--image-size {image_size}: must be at least {MIN_IMAGE_SIZE} pixels")
+    if seed < 0:
+        raise DataError(f"--seed {seed}: must be >= 0")
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers {workers}: must be at least 1 (leave it out to use every usable CPU core)")
+    for split, n in counts.items():
+        if n < 0:
+            raise DataError(f"{_COUNT_FLAGS[split]} {n}: the {split} split's sample count must be >= 0")
+        if n > MAX_SHARDS_PER_SPLIT * shard_size:
+            raise DataError(
+                f"{_COUNT_FLAGS[split]} {n}: needs more than {MAX_SHARDS_PER_SPLIT} shards of --shard-size "
+                f"{shard_size} (at most {MAX_SHARDS_PER_SPLIT * shard_size} samples); raise --shard-size"
+            )
+
+
 def synth(
     out: str | os.PathLike,
     num_samples: int = 20000,
@@ -587,34 +621,31 @@ def synth(
         seed: the dataset is a pure function of the seed and the sizes.
         image_size: side of the square JPEG images, pixels.
         shard_size: samples per tar shard (at most 10000: img2dataset's 9-digit key layout).
-        workers: processes (default: the CPU cores this process may use).
+        workers: processes, at least 1 (default: the CPU cores this process may use).
         progress: show a tqdm bar over shards.
 
     Returns:
         the dataset.json record.
+
+    Raises:
+        DataError: an argument out of its range, named by its command-line flag; raised before anything is
+            written or removed.
     """
     from tqdm.auto import tqdm
 
-    if not 1 <= shard_size <= KEY_SAMPLES_PER_SHARD:
-        raise ValueError(f"shard_size must be in [1, {KEY_SAMPLES_PER_SHARD}], got {shard_size}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
     default_eval = max(1, num_samples // 10)
     counts = {
         "train": num_samples,
         "heldout": default_eval if num_heldout is None else num_heldout,
         "compositional": default_eval if num_compositional is None else num_compositional,
     }
+    _check_args(counts, seed=seed, image_size=image_size, shard_size=shard_size, workers=workers)
     out = Path(out)
     tasks = []
     for split, n in counts.items():
-        if n < 0:
-            raise ValueError(f"{split}: sample count must be >= 0, got {n}")
         split_dir = out / split
         split_dir.mkdir(parents=True, exist_ok=True)
         for j, first in enumerate(range(0, n, shard_size)):
-            if j >= 10000:
-                raise ValueError(f"{split}: more than 10000 shards; raise shard_size")
             tasks.append(
                 (str(split_dir), split, SHARD_BASE[split] + j, first, min(shard_size, n - first), seed, image_size)
             )
