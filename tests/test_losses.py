@@ -334,9 +334,11 @@ def test_prune_keeps_dtype_and_store_mode_lists(monkeypatch):
     assert cd._prune(bwd, {"X0": x16, "D": 768}, STORE_MODE=0) == cd.BWD_CONFIGS_16
     assert cd._prune(bwd, {"X0": x32, "D": 768}, STORE_MODE=2) == cd.BWD_ATOMIC_CONFIGS_32
     fwd = cd.FWD_CONFIGS_16 + cd.FWD_CONFIGS_32
-    assert cd._prune(fwd, {"A0": x16, "D": 16}) == [c for c in cd.FWD_CONFIGS_16 if c.kwargs["BLOCK_K"] <= 16] or [
-        min(cd.FWD_CONFIGS_16, key=lambda c: c.kwargs["BLOCK_K"])
-    ]
+    assert cd._prune(fwd, {"A0": x16, "D": 768}) == cd.FWD_CONFIGS_16
+    assert cd._prune(fwd, {"A0": x32, "D": 768}) == cd.FWD_CONFIGS_32
+    # No 16-bit forward tile is as narrow as 16 features: the narrowest one (BLOCK_K = 32) is kept, alone.
+    (narrowest,) = [c for c in cd.FWD_CONFIGS_16 if c.kwargs["BLOCK_K"] == 32]
+    assert cd._prune(fwd, {"A0": x16, "D": 16}) == [narrowest]
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------------
