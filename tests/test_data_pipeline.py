@@ -114,7 +114,7 @@ def test_cpu_twin_skips_and_counts_bad_samples_of_unindexed_shards(bad_shard, tm
     # a copy without index: the twin reads the tar through and decides on its own
     (tmp_path / "00000.tar").write_bytes((bad_shard / "00000.tar").read_bytes())
     plan = plan_shards(tmp_path)
-    assert plan.kind == "stream"
+    assert plan.kind == "scanned"
     loader = cpu_loader(plan, CFG, batch_size=4, train=False, num_workers=0)
     assert _keys(loader) == [f"{i:09d}" for i in (0, 1, 3, 4, 6, 7)]
     assert sorted(k for k, _ in loader.bad) == ["000000002", "000000005"]

@@ -23,6 +23,7 @@ _EXPORTS = {
     "detect_format": "kclip.data.pipeline",
     "read_awa2": "kclip.data.awa2",
     "read_cub": "kclip.data.cub",
+    "read_synth": "kclip.data.synth_attributes",
     "AttributeData": "kclip.data.attributes",
 }
 

@@ -1,4 +1,5 @@
-"""Image sets labelled with classes and binary attributes, for the attribute probes of evaluation (AWA2, CUB)."""
+"""Image sets labelled with classes and binary attributes, for the attribute probes of evaluation (AWA2, CUB and
+kclip's synthetic set)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ class AttributeData:
     """An evaluation image set with class labels and binary attributes.
 
     Attributes:
-        name: "awa2" or "cub".
+        name: "awa2", "cub" or "synth".
         root: the dataset's folder.
-        paths: image files, [N].
+        paths: image files, [N]; where `keys` is set, the tar shard holding each image (the synthetic set).
         labels: int64 [N], 0-based class of each image.
         class_names: [C], in label order (as the dataset's classes.txt spells them).
         attribute_names: [A], in attribute order.
         attributes: uint8 [N, A], 1 where the image has the attribute (AWA2: its class's row of the binary matrix).
-        class_attributes: float32 [C, A], the class-level attribute matrix (AWA2: binary; CUB: share of the class's
-            images labelled with the attribute).
-        is_train: bool [N], the dataset's proposed split (AWA2: its train classes; CUB: train_test_split.txt),
-            None where the files are absent.
-        certainty: uint8 [N, A], CUB's certainty of each label (1 not visible ... 4 definitely), None for AWA2.
+        class_attributes: float32 [C, A], the class-level attribute matrix (AWA2: binary; CUB and the synthetic set:
+            share of the class's images labelled with the attribute, 0 for a class without images).
+        is_train: bool [N], the dataset's proposed split (AWA2: its train classes; CUB: train_test_split.txt; the
+            synthetic set: whether the split read is "train"), None where the files are absent.
+        certainty: uint8 [N, A], CUB's certainty of each label (1 not visible ... 4 definitely), None for the others.
+        keys: [N], the sample key of each image inside its tar shard (the synthetic set, sorted), None for image
+            files.
     """
 
     name: str
@@ -39,6 +42,7 @@ class AttributeData:
     class_attributes: np.ndarray
     is_train: np.ndarray | None = None
     certainty: np.ndarray | None = None
+    keys: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -54,14 +58,24 @@ class AttributeData:
             attributes=self.attributes[idx],
             is_train=pick(self.is_train),
             certainty=pick(self.certainty),
+            keys=None if self.keys is None else [self.keys[i] for i in idx],
         )
 
     def loader(self, cfg=None, batch_size: int = 64, num_workers: int = 0):
-        """DataLoader of the images with the deterministic evaluation transform (kclip.data.loader)."""
-        from kclip.data.loader import image_list_loader
+        """DataLoader of the images in row order with the deterministic evaluation transform (kclip.data.loader).
+
+        Batches: {"image": float32 [B, 3, S, S], "index": int64 [B] (rows of this set), "bad": [(row, reason)] of
+        the images that do not load}. Image files are read as they are; where `keys` is set, each image is read
+        from its tar shard at the offset its index (or a scan of the tar's headers) gives.
+
+        Raises:
+            DataError: a shard that holds no image for its key.
+        """
+        from kclip.data.loader import image_list_loader, image_spans
         from kclip.data.transforms import TransformConfig
 
-        return image_list_loader(self.paths, cfg or TransformConfig(), batch_size, num_workers)
+        spans = None if self.keys is None else image_spans(self.paths, self.keys)
+        return image_list_loader(self.paths, cfg or TransformConfig(), batch_size, num_workers, spans=spans)
 
 
 def read_id_names(path: Path) -> list[tuple[int, str]]:

@@ -103,17 +103,18 @@ def _inspect_csv(args: argparse.Namespace, path: str) -> dict:
 
     from tqdm.auto import tqdm
 
-    from kclip.data.csvfile import CsvSpec, iter_csv
-    from kclip.data.loader import _csv_sample
+    from kclip.data.csvfile import CsvSpec
+    from kclip.data.loader import plan_csv
     from kclip.data.shards import check_sample
 
     spec = CsvSpec(args.csv_img_key, args.csv_caption_key, args.csv_sep, args.csv_key, args.csv_root)
-    bad, total = [], 0
-    for row in tqdm(iter_csv(path, spec), unit="row", desc="inspect", disable=args.quiet):
-        total += 1
-        _, why = check_sample(_csv_sample(row))
+    rows = plan_csv(path, spec)
+    total, bad = len(rows), []
+    for r in tqdm(range(total), unit="row", desc="inspect", disable=args.quiet):
+        (sample,) = rows.read([r])
+        _, why = check_sample(sample)
         if why is not None:
-            bad.append({"key": row.key, "reason": why})
+            bad.append({"key": sample.key, "reason": why})
     reasons = Counter(b["reason"].split(":", 1)[0] for b in bad)
     report = {"shard": path, "samples": total, "good_samples": total - len(bad), "bad": bad}
     return {

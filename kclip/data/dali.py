@@ -1,35 +1,57 @@
 """The DALI training and evaluation pipeline over indexed webdataset shards (imported only when used).
 
-Graph (one pipeline per rank)::
+The host decides what DALI reads and how each image is cropped; DALI decodes, crops, resizes and normalises::
 
-    fn.readers.webdataset(paths, index_paths, ext=[image exts, "txt"], shard_id=rank, num_shards=world)
-      ├─ image ─ train: decoders.image_random_crop (device "mixed", or "cpu" without a GPU) ─ resize S x S
-      │          eval:  decoders.image ─ resize of the centred square to S x S (a region of interest)
-      │        ─ crop_mirror_normalize (CLIP mean / std, CHW float32, random mirror with flip_p)
-      ├─ caption bytes ─ pad to the longest in the batch ─ decoded and tokenised (open_clip) on the host
-      └─ source info "shard:offset:member" ─ padded likewise ─ the sample key (the member's basename)
+    host thread, a few batches ahead: the rank's batches of the epoch (kclip.data.loader.epoch_batches)
+      ─ each sample's image, caption and .json bytes, read from its tar at the offsets of its index
+      ─ its crop box from the image's header: training, `random_box` drawn from sample_rng(seed, epoch, key) (and
+        the flip), as the CPU twin's pil_train draws them; evaluation, the centred square
+      ─ captions tokenised (open_clip), metadata collated (kclip.data.loader.collate_metadata)
+    DALI: fn.external_source(encoded image, box, flip)
+      ─ decoders.image (device "mixed", or "cpu" without a GPU; EXIF orientation ignored, as PIL's decode does)
+      ─ resize of the box to S x S (a region of interest) ─ crop_mirror_normalize (CLIP mean / std, CHW float32)
+
+Feeding DALI from the host rather than through fn.readers.webdataset (whose shuffle buffer runs across epochs and
+whose crops follow the pipeline's random stream) gives exact epochs, a new order at each `set_epoch`, resumption at
+any batch, and the very batches of the CPU twin: the same keys, captions and metadata, and pixels within 2/255 of the
+twin's, training crops included (the transforms are those of kclip.data.transforms).
 
 DALI reads only shards whose index `kclip data index` wrote, so a bad sample never reaches the decoder: DALI cannot
-skip one (a truncated JPEG ends the pipeline). The transforms are those of kclip.data.transforms, so this pipeline
-and the CPU twin (kclip.data.loader) agree: exactly in keys and captions, within 2/255 in evaluation pixels.
+skip one (a truncated JPEG ends the pipeline). A sample the host cannot use (its image header or caption unreadable)
+is skipped and counted as the twin does.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import io
+import itertools
 import logging
+from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from kclip.data.index import IndexedShards
-from kclip.data.shards import IMAGE_EXTS, split_name
+from kclip.data.loader import (
+    META_EXT,
+    ShardRows,
+    check_order_args,
+    collate_metadata,
+    epoch_batches,
+    num_batches,
+    sample_metadata,
+    sample_rng,
+)
+from kclip.data.shards import CAPTION_EXT, RawSample
 from kclip.data.tokenize import Tokenizer, clip_tokenizer
-from kclip.data.transforms import TransformConfig
+from kclip.data.transforms import TransformConfig, center_box, random_box
 
 log = logging.getLogger(__name__)
 
-READER_NAME = "Reader"
+PREFETCH_QUEUE_DEPTH = 2  # batches DALI prepares ahead; the host thread reads one more
 
 
 def dali_status() -> tuple[bool, str]:
@@ -42,97 +64,59 @@ def dali_status() -> tuple[bool, str]:
 
 
 def build_pipeline(
-    shards: IndexedShards,
+    source,
     cfg: TransformConfig,
     *,
     batch_size: int,
-    train: bool,
     device_id: int | None,
-    shard_id: int = 0,
-    num_shards: int = 1,
     num_threads: int = 4,
-    seed: int = 0,
-    shuffle: bool | None = None,
-    initial_fill: int = 1024,
     hw_decoder_load: float = 0.65,
-    prefetch_queue_depth: int = 2,
+    prefetch_queue_depth: int = PREFETCH_QUEUE_DEPTH,
 ):
-    """A DALI pipeline yielding (image [B, 3, S, S] float32, caption bytes [B, Lc] uint8, source [B, Ls] uint8).
+    """A DALI pipeline of images float32 [B, 3, S, S] from the encoded images, crop boxes and flips `source` gives.
 
     Args:
-        shards: indexed shards (`kclip.data.index.indexed_shards`).
+        source: called by DALI for each batch, returns (encoded images: B uint8 arrays, roi_start float32 [B, 2]
+            and roi_end float32 [B, 2]: the box's (y, x) corners in source pixels, mirror int32 [B]), B at most
+            batch_size; raises StopIteration at the end of a pass.
         cfg: the transforms.
-        batch_size: samples per batch.
-        train: random resized crop (and flip) when True, the deterministic centre crop otherwise.
+        batch_size: the largest batch.
         device_id: CUDA device for the "mixed" decoder and GPU resize, None for a CPU-only pipeline.
-        shard_id, num_shards: this rank's part of the data (DALI splits the sample list into contiguous ranges).
         num_threads: CPU threads of the pipeline.
-        seed: seeds the reader's shuffle and the random crops.
-        shuffle: shuffle within a buffer of `initial_fill` samples (default: when training).
         hw_decoder_load: share of JPEGs given to the hardware decoder (GPUs that have one; "mixed" only).
         prefetch_queue_depth: batches prepared ahead.
     """
     import nvidia.dali.fn as fn
-    import nvidia.dali.math as dmath
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
-    shuffle = train if shuffle is None else shuffle
     size = cfg.image_size
     interp = types.INTERP_CUBIC if cfg.interpolation == "bicubic" else types.INTERP_LINEAR
     mixed = device_id is not None
+    # adjust_orientation=False: the host computes boxes from the stored width and height, as PIL decodes them.
     decoder_args: dict[str, Any] = {"device": "mixed" if mixed else "cpu", "output_type": types.RGB}
+    decoder_args["adjust_orientation"] = False
     if mixed:
         # jpeg_fancy_upsampling: the chroma upsampling of libjpeg-turbo (the CPU decoders, PIL), for agreement.
         decoder_args.update(hw_decoder_load=hw_decoder_load, jpeg_fancy_upsampling=True)
 
+    # exec_dynamic: outputs stay valid after the next run, so torch takes them through DLPack without a copy.
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=device_id,
-        seed=seed,
         prefetch_queue_depth=prefetch_queue_depth,
+        exec_dynamic=True,
     )
     def pipeline():
-        encoded, caption = fn.readers.webdataset(
-            paths=[str(p) for p in shards.paths],
-            index_paths=[str(p) for p in shards.index_paths],
-            ext=[";".join(IMAGE_EXTS), "txt"],
-            missing_component_behavior="error",
-            random_shuffle=shuffle,
-            initial_fill=initial_fill,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            pad_last_batch=not train,
-            name=READER_NAME,
+        encoded, roi_start, roi_end, mirror = fn.external_source(
+            source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32]
         )
-        source = fn.get_property(encoded, key="source_info")
-        if train:
-            image = fn.decoders.image_random_crop(
-                encoded,
-                random_area=list(cfg.scale),
-                random_aspect_ratio=list(cfg.ratio),
-                num_attempts=10,
-                **decoder_args,
-            )
-            image = fn.resize(image, size=[size, size], interp_type=interp, antialias=True)
-        else:
-            # The centred square as a region of interest, as PIL's resize(box=center_box(...)) in the CPU twin.
-            shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
-            h, w = shape[0], shape[1]
-            side = dmath.min(h, w)
-            y0, x0 = (h - side) * 0.5, (w - side) * 0.5
-            image = fn.decoders.image(encoded, **decoder_args)
-            image = fn.resize(
-                image,
-                size=[size, size],
-                roi_start=fn.stack(y0, x0),
-                roi_end=fn.stack(y0 + side, x0 + side),
-                interp_type=interp,
-                antialias=True,
-            )
-        mirror = fn.random.coin_flip(probability=cfg.flip_p) if train and cfg.flip_p > 0 else 0
-        image = fn.crop_mirror_normalize(
+        image = fn.decoders.image(encoded, **decoder_args)
+        image = fn.resize(
+            image, size=[size, size], roi_start=roi_start, roi_end=roi_end, interp_type=interp, antialias=True
+        )
+        return fn.crop_mirror_normalize(
             image,
             dtype=types.FLOAT,
             output_layout="CHW",
@@ -140,31 +124,57 @@ def build_pipeline(
             std=[255.0 * s for s in cfg.std],
             mirror=mirror,
         )
-        return image, fn.pad(caption, fill_value=0), fn.pad(source, fill_value=0)
 
     return pipeline()
 
 
-def _strings(rows) -> list[str]:
-    """Rows of a zero-padded uint8 [B, L] tensor -> strings."""
-    arr = np.asarray(rows.cpu() if hasattr(rows, "cpu") else rows, dtype=np.uint8)
-    return [bytes(r).rstrip(b"\0").decode("utf-8", errors="replace") for r in arr]
+@dataclasses.dataclass
+class _HostBatch:
+    """The host's part of one batch: DALI's inputs and the batch's other fields."""
+
+    position: int  # the batch's index in the epoch
+    encoded: list[np.ndarray]  # B uint8 arrays
+    roi_start: np.ndarray  # float32 [B, 2], (y0, x0)
+    roi_end: np.ndarray  # float32 [B, 2], (y1, x1)
+    mirror: np.ndarray  # int32 [B]
+    fields: dict[str, Any]  # tokens, key, caption and the metadata fields
+    bad: list[tuple[str, str]]  # (key, reason) of the samples skipped
 
 
-def key_of_source(source: str) -> str:
-    """Sample key from DALI's source info ``<shard>:<offset>:<member name>``: the member's basename as webdataset
-    forms its ``__key__`` (member names hold no ':', `kclip data index` leaves such samples out)."""
-    return split_name(source.rsplit(":", 2)[-1])[0]
+def _caption_and_size(sample: RawSample) -> tuple[str | None, tuple[int, int] | None, str | None]:
+    """(caption, (width, height) from the image's header, None), or (None, None, why)."""
+    from PIL import Image
+
+    if sample.problem is not None:
+        return None, None, sample.problem
+    ext = sample.image_ext()
+    if ext is None or CAPTION_EXT not in sample.data:
+        return None, None, "no image" if ext is None else "no caption (.txt)"
+    try:
+        caption = sample.data[CAPTION_EXT].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, None, "caption is not UTF-8"
+    if not caption:
+        return None, None, "empty caption"
+    try:
+        with Image.open(io.BytesIO(sample.data[ext])) as img:
+            return caption, img.size, None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad data
+        return None, None, f"image header does not parse: {type(e).__name__}: {e}"
 
 
 class DaliLoader:
-    """Iterate batches of the DALI pipeline as dicts: {"image": [B, 3, S, S], "tokens": [B, 77], "key",
-    "caption"} (the same as the CPU twin's; images on the pipeline's GPU, or on the CPU for device_id=None).
+    """Iterate batches of the DALI pipeline as dicts, the same as the CPU twin's (kclip.data.loader), with images,
+    tokens, labels and attributes on the pipeline's GPU (on the CPU for device_id=None).
 
-    One pass of iteration is one epoch of this rank's samples (the last batch may be partial unless drop_last).
-    With shuffling, DALI draws each sample from a buffer of `initial_fill` samples that carries over the end of
-    an epoch: an epoch has the right number of samples and each sample comes once per epoch on average, not
-    exactly (the CPU twin drains its buffer at the end of each epoch).
+    A pass of iteration is one epoch of this rank's batches in the order of `epoch_batches`; `set_epoch` draws a new
+    order, `set_epoch(epoch, start_batch)` or `load_state_dict` resume at a batch. A pass left unfinished is
+    dropped when the next one starts (the batches DALI prepared for it are discarded).
+
+    Attributes:
+        epoch: the epoch of the next (or current) pass.
+        bad: [(key, reason)] of every sample skipped so far.
+        skipped: Counter of reasons (details stripped).
     """
 
     def __init__(
@@ -184,56 +194,179 @@ class DaliLoader:
         hw_decoder_load: float = 0.65,
         tokenizer: Tokenizer | None = None,
     ):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-        self.shards, self.cfg, self.batch_size, self.device_id = shards, cfg, batch_size, device_id
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        check_order_args(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+        self.rows = ShardRows.build(list(zip(shards.paths, shards.index_paths, strict=True)))
+        self.cfg, self.batch_size, self.train, self.device_id = cfg, batch_size, train, device_id
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.shuffle = train if shuffle is None else shuffle
         self.tokenizer = tokenizer
+        self.epoch = 0
+        self.bad: list[tuple[str, str]] = []
+        self.skipped: Counter[str] = Counter()
+        self._start = 0  # the batch the next pass starts at
+        self._position = 0  # batches of the epoch passed
+        self._feed: Iterator[_HostBatch] = iter(())  # what the external source hands DALI next
+        self._in_pipeline: deque[_HostBatch] = deque()  # handed to DALI, output not yet taken, in order
+        self._active: Iterator[dict[str, Any]] | None = None
+        self._host = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kclip-dali-host")
         self.pipeline = build_pipeline(
-            shards,
+            self._next_input,
             cfg,
             batch_size=batch_size,
-            train=train,
             device_id=device_id,
-            shard_id=rank,
-            num_shards=world_size,
             num_threads=num_threads,
-            seed=seed,
-            shuffle=shuffle,
             hw_decoder_load=hw_decoder_load,
         )
         self.pipeline.build()
-        self._iterator = DALIGenericIterator(
-            self.pipeline,
-            ["image", "caption", "source"],
-            reader_name=READER_NAME,
-            last_batch_policy=LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL,
-            auto_reset=True,
-            prepare_first_batch=False,
-        )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: DALI reshuffles and rotates its shards by itself at each epoch."""
+    # -- position --
 
-    def num_samples(self) -> int:
-        """Samples this rank reads per epoch."""
-        n = self.shards.num_samples
-        return n * (self.rank + 1) // self.world_size - n * self.rank // self.world_size
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next pass epoch `epoch` (its own permutation), from its batch `start_batch`."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} outside the epoch's {len(self)} batches")
+        self.epoch, self._start, self._position = epoch, start_batch, start_batch
+
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch", "batch"}: the epoch and its batches passed so far (yielded, or passed over for want of a usable
+        sample); `load_state_dict` of it makes the next pass resume with the batch after them."""
+        return {"epoch": self.epoch, "batch": self._position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume where `state_dict()` was taken (see `set_epoch`)."""
+        self.set_epoch(int(state["epoch"]), int(state["batch"]))
 
     def __len__(self) -> int:
-        n = self.num_samples()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return num_batches(
+            len(self.rows),
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            drop_last=self.drop_last,
+        )
+
+    # -- the host side --
+
+    def _host_batch(self, epoch: int, position: int, rows: np.ndarray) -> _HostBatch:
+        encoded, starts, ends, mirror, keys, captions, metas, bad = [], [], [], [], [], [], [], []
+        for sample in self.rows.read(rows):
+            meta, why = sample_metadata(sample.data.get(META_EXT))
+            caption, size = None, None
+            if why is None:
+                caption, size, why = _caption_and_size(sample)
+            if why is not None:
+                bad.append((sample.key, why))
+                continue
+            if self.train:
+                # The draws of kclip.data.transforms.pil_train, in its order: the box, then the flip.
+                rng = sample_rng(self.seed, epoch, sample.key)
+                x0, y0, x1, y1 = random_box(rng, *size, self.cfg.scale, self.cfg.ratio)
+                flip = self.cfg.flip_p > 0 and rng.random() < self.cfg.flip_p
+            else:
+                (x0, y0, x1, y1), flip = center_box(*size), False
+            encoded.append(np.frombuffer(sample.data[sample.image_ext()], dtype=np.uint8))
+            starts.append((y0, x0))
+            ends.append((y1, x1))
+            mirror.append(flip)
+            keys.append(sample.key)
+            captions.append(caption)
+            metas.append(meta)
+        fields: dict[str, Any] = {"key": keys, "caption": captions}
+        if keys:
+            fields = {"tokens": (self.tokenizer or clip_tokenizer())(captions), **fields}  # [B, 77]
+        return _HostBatch(
+            position,
+            encoded,
+            np.asarray(starts, dtype=np.float32).reshape(-1, 2),
+            np.asarray(ends, dtype=np.float32).reshape(-1, 2),
+            np.asarray(mirror, dtype=np.int32),
+            {**fields, **collate_metadata(metas, keys)},
+            bad,
+        )
+
+    def _host_batches(self, epoch: int, batches: list[np.ndarray], begin: int) -> Iterator[_HostBatch]:
+        """The host part of batches begin, begin + 1, ... of `epoch`, read by the host thread ahead of DALI."""
+        todo = iter(range(begin, len(batches)))
+        submit = lambda j: self._host.submit(self._host_batch, epoch, j, batches[j])
+        ahead = deque(submit(j) for j in itertools.islice(todo, PREFETCH_QUEUE_DEPTH + 1))
+        while ahead:
+            batch = ahead.popleft().result()
+            ahead.extend(submit(j) for j in itertools.islice(todo, 1))
+            yield batch
+
+    def _next_input(self):
+        """DALI's external source: the inputs of the next batch holding a usable sample (see build_pipeline)."""
+        for batch in self._feed:
+            self.bad.extend(batch.bad)
+            self.skipped.update(r.split(":", 1)[0] for _, r in batch.bad)
+            if batch.fields["key"]:
+                self._in_pipeline.append(batch)
+                return batch.encoded, batch.roi_start, batch.roi_end, batch.mirror
+        raise StopIteration
+
+    # -- passes --
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        tokenizer = self.tokenizer or clip_tokenizer()
-        for (out,) in self._iterator:
-            captions = _strings(out["caption"])
-            tokens = tokenizer(captions)  # [B, 77]
-            if self.device_id is not None:
-                tokens = tokens.to(out["image"].device, non_blocking=True)
-            yield {
-                "image": out["image"],
-                "tokens": tokens,
-                "key": [key_of_source(s) for s in _strings(out["source"])],
-                "caption": captions,
-            }
+        if self._active is not None:
+            self._active.close()  # an unfinished pass: its finally empties the pipeline
+        batches = epoch_batches(
+            self.rows.keys,
+            batch_size=self.batch_size,
+            epoch=self.epoch,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            rank=self.rank,
+            world_size=self.world_size,
+            drop_last=self.drop_last,
+        )
+        self._position, self._start = self._start, 0  # a later pass without set_epoch replays the epoch whole
+        self._active = self._pass(batches, self._position)
+        return self._active
+
+    def _pass(self, batches: list[np.ndarray], begin: int) -> Iterator[dict[str, Any]]:
+        import torch
+
+        self._feed = self._host_batches(self.epoch, batches, begin)
+        skipped = len(self.bad)
+        try:
+            self.pipeline.schedule_run()
+            while True:
+                try:
+                    (images,) = self.pipeline.outputs()
+                except StopIteration:
+                    break
+                host = self._in_pipeline.popleft()
+                if self.device_id is None:
+                    image = torch.from_dlpack(images.as_tensor())  # [B, 3, S, S]
+                else:
+                    with torch.cuda.device(self.device_id):
+                        image = torch.from_dlpack(images.as_tensor())
+                self.pipeline.schedule_run()  # DALI works on the next batch while this one is used
+                fields = host.fields
+                if self.device_id is not None:
+                    fields = {
+                        k: v.to(image.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in fields.items()
+                    }
+                self._position = host.position + 1
+                yield {"image": image, **fields}
+            self._position = len(batches)
+        finally:
+            self._finish()
+        if len(self.bad) > skipped:
+            log.warning("skipped %d bad samples this epoch (%s)", len(self.bad) - skipped, dict(self.skipped))
+
+    def _finish(self) -> None:
+        """Bring the pipeline back to the start of a pass: no more input, the batches still in it dropped."""
+        self._feed = iter(())
+        if getattr(self.pipeline, "_pipe", None) is None:  # an unfinished pass collected after its pipeline: done
+            return
+        self.pipeline.schedule_run()  # the source's StopIteration ends DALI's epoch (a no-op where it has ended)
+        while True:
+            try:
+                self.pipeline.outputs()
+            except StopIteration:
+                break
+        self.pipeline.reset()
+        self._in_pipeline.clear()

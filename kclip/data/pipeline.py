@@ -85,28 +85,35 @@ def build_loader(
     csv_spec: CsvSpec | None = None,
     tokenizer: Tokenizer | None = None,
 ) -> Any:
-    """Batches of images, tokens, keys and captions from webdataset shards or a CSV (see kclip.data.loader).
+    """Batches of images, tokens, keys, captions and the samples' metadata (label, attributes, tags, split, where
+    their .json has them) from webdataset shards or a CSV, in the order of kclip.data.loader.epoch_batches (see the
+    module docstring of kclip.data.loader).
 
     Args:
-        path: shards (a directory, a .tar, brace patterns joined by "::") or an open_clip-style CSV file.
+        path: shards (a directory, a split of a dataset root as DIR/train or DIR:train, a .tar, brace patterns
+            joined by "::") or an open_clip-style CSV file.
         batch_size: samples per batch and rank.
-        train: training transforms and shuffling; False: deterministic evaluation preprocessing, stored order.
+        train: training transforms and shuffling; False: deterministic evaluation preprocessing, key order.
         cfg: transforms (TransformConfig()).
         backend: "auto" (DALI on a GPU where it imports, else the CPU twin), "dali" or "cpu". CSV data is read by
             the CPU twin only. backend="dali" with device_id=None runs DALI's CPU pipeline.
         device_id: the CUDA device of DALI's pipeline (auto: the current device).
-        rank, world_size: this process's part of the data.
+        rank, world_size: this process's part of the data: a contiguous part of the epoch's order.
         num_workers: DataLoader workers of the CPU twin (default: the usable cores, at most 8).
         num_threads: DALI's CPU threads.
-        seed: shuffling and random crops.
-        shuffle, drop_last: default to `train`.
+        seed: the epoch's permutation and the random crops.
+        shuffle: a new permutation of all samples each epoch; False: key order. Default: `train`.
+        drop_last: every rank gets N // world_size samples (the few left over sit out the epoch) and full batches
+            only, so ranks step in lockstep; False: every sample once, the last batch partial. Default: `train`.
         hw_decoder_load: DALI's share of JPEGs for the hardware decoder.
         index_dir: where `kclip data index` wrote the indexes, when not beside the shards.
         csv_spec: columns and separator of a CSV.
         tokenizer: captions -> LongTensor [B, L]; default open_clip's CLIP tokenizer.
 
     Returns:
-        an iterable of batch dicts with `set_epoch(epoch)` and `len()` (indexed shards).
+        an iterable of batch dicts, one epoch per pass, with `len()` (batches per epoch), `set_epoch(epoch,
+        start_batch=0)`, `state_dict()` ({"epoch", "batch"}: batches passed) and `load_state_dict(state)`, which make
+        the next pass that epoch from that batch, exactly as an uninterrupted pass continues.
 
     Raises:
         DataError: see the module docstring.
