@@ -37,6 +37,7 @@ import numpy as np
 from kclip.data.index import IndexedShards
 from kclip.data.loader import (
     META_EXT,
+    EpochPosition,
     ShardRows,
     check_order_args,
     collate_metadata,
@@ -45,7 +46,7 @@ from kclip.data.loader import (
     sample_metadata,
     sample_rng,
 )
-from kclip.data.shards import CAPTION_EXT, RawSample
+from kclip.data.shards import RawSample, sample_caption
 from kclip.data.tokenize import Tokenizer, clip_tokenizer
 from kclip.data.transforms import TransformConfig, center_box, random_box
 
@@ -148,14 +149,11 @@ def _caption_and_size(sample: RawSample) -> tuple[str | None, tuple[int, int] | 
     if sample.problem is not None:
         return None, None, sample.problem
     ext = sample.image_ext()
-    if ext is None or CAPTION_EXT not in sample.data:
-        return None, None, "no image" if ext is None else "no caption (.txt)"
-    try:
-        caption = sample.data[CAPTION_EXT].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None, None, "caption is not UTF-8"
-    if not caption:
-        return None, None, "empty caption"
+    if ext is None:
+        return None, None, "no image"
+    caption, why = sample_caption(sample)
+    if why is not None:
+        return None, None, why
     try:
         with Image.open(io.BytesIO(sample.data[ext])) as img:
             return caption, img.size, None
@@ -163,7 +161,7 @@ def _caption_and_size(sample: RawSample) -> tuple[str | None, tuple[int, int] | 
         return None, None, f"image header does not parse: {type(e).__name__}: {e}"
 
 
-class DaliLoader:
+class DaliLoader(EpochPosition):
     """Iterate batches of the DALI pipeline as dicts, the same as the CPU twin's (kclip.data.loader), with images,
     tokens, labels and attributes on the pipeline's GPU (on the CPU for device_id=None).
 
@@ -218,25 +216,6 @@ class DaliLoader:
             hw_decoder_load=hw_decoder_load,
         )
         self.pipeline.build()
-
-    # -- position --
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Make the next pass epoch `epoch` (its own permutation), from its batch `start_batch`."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch {start_batch} outside the epoch's {len(self)} batches")
-        self.epoch, self._start, self._position = epoch, start_batch, start_batch
-
-    def state_dict(self) -> dict[str, int]:
-        """{"epoch", "batch"}: the epoch and its batches passed so far (yielded, or passed over for want of a usable
-        sample); `load_state_dict` of it makes the next pass resume with the batch after them."""
-        return {"epoch": self.epoch, "batch": self._position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume where `state_dict()` was taken (see `set_epoch`)."""
-        self.set_epoch(int(state["epoch"]), int(state["batch"]))
 
     def __len__(self) -> int:
         return num_batches(

@@ -471,23 +471,16 @@ class TwinDataset(IterableDataset):
             yield self.load_batch(batches[j])
 
 
-class CpuLoader:
-    """Iterate the batches of a TwinDataset through a torch DataLoader, resumably; counts the samples skipped as bad.
+class EpochPosition:
+    """Where a loader stands in its epochs, for `set_epoch`, `state_dict` and `load_state_dict` (both loaders): the
+    epoch of the next (or current) pass, the batch it starts at, and the batches of the epoch passed so far."""
 
-    Attributes:
-        epoch: the epoch of the next (or current) pass.
-        bad: [(key, reason)] of every sample skipped so far.
-        skipped: Counter of reasons (details such as file names stripped).
-    """
+    epoch: int = 0
+    _start: int = 0  # the batch the next pass starts at
+    _position: int = 0  # batches of the epoch passed
 
-    def __init__(self, dataset: TwinDataset, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2):
-        self.dataset, self.num_workers = dataset, num_workers
-        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self.bad: list[tuple[str, str]] = []
-        self.skipped: Counter[str] = Counter()
-        self.epoch = 0
-        self._start = 0  # the batch the next pass starts at
-        self._position = 0  # batches of the epoch passed
+    def __len__(self) -> int:
+        raise NotImplementedError
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Make the next pass epoch `epoch` (its own permutation), from its batch `start_batch`."""
@@ -505,6 +498,25 @@ class CpuLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume where `state_dict()` was taken (see `set_epoch`)."""
         self.set_epoch(int(state["epoch"]), int(state["batch"]))
+
+
+class CpuLoader(EpochPosition):
+    """Iterate the batches of a TwinDataset through a torch DataLoader, resumably; counts the samples skipped as bad.
+
+    Attributes:
+        epoch: the epoch of the next (or current) pass.
+        bad: [(key, reason)] of every sample skipped so far.
+        skipped: Counter of reasons (details such as file names stripped).
+    """
+
+    def __init__(self, dataset: TwinDataset, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2):
+        self.dataset, self.num_workers = dataset, num_workers
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.bad: list[tuple[str, str]] = []
+        self.skipped: Counter[str] = Counter()
+        self.epoch = 0
+        self._start = 0  # the batch the next pass starts at
+        self._position = 0  # batches of the epoch passed
 
     def __len__(self) -> int:
         return self.dataset.num_batches()

@@ -290,6 +290,17 @@ def decode_image(data: bytes):
         return img.convert("RGB") if img.mode != "RGB" else img.copy()
 
 
+def sample_caption(sample: RawSample) -> tuple[str | None, str | None]:
+    """(caption, None) for a sample with a non-empty UTF-8 caption (stripped), (None, why) otherwise."""
+    if CAPTION_EXT not in sample.data:
+        return None, "no caption (.txt)"
+    try:
+        caption = sample.data[CAPTION_EXT].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, "caption is not UTF-8"
+    return (caption, None) if caption else (None, "empty caption")
+
+
 def load_sample(sample: RawSample) -> tuple[str | None, object | None, str | None]:
     """(caption, PIL RGB image, None) for a usable sample, (None, None, why) otherwise.
 
@@ -303,14 +314,9 @@ def load_sample(sample: RawSample) -> tuple[str | None, object | None, str | Non
     ext = sample.image_ext()
     if ext is None:
         return None, None, f"no image ({'/'.join('.' + e for e in IMAGE_EXTS)})"
-    if CAPTION_EXT not in sample.data:
-        return None, None, "no caption (.txt)"
-    try:
-        caption = sample.data[CAPTION_EXT].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None, None, "caption is not UTF-8"
-    if not caption:
-        return None, None, "empty caption"
+    caption, why = sample_caption(sample)
+    if why is not None:
+        return None, None, why
     try:
         img = decode_image(sample.data[ext])
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad data
