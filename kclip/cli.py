@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Modules whose register(subparsers) adds subcommands, in the order they appear in --help.
-_COMMANDS: tuple[str, ...] = ("kclip.data.cli", "kclip.teacher.cli", "kclip.concepts.cli")
+_COMMANDS: tuple[str, ...] = ("kclip.data.cli", "kclip.teacher.cli", "kclip.concepts.cli", "kclip.models.cli")
 
 
 def _info(args: argparse.Namespace) -> int:
