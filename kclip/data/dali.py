@@ -226,6 +226,10 @@ class DaliLoader(EpochPosition):
             drop_last=self.drop_last,
         )
 
+    def sample_keys(self) -> np.ndarray:
+        """The keys (bytes [N]) of every sample of the data set, all ranks', in stored order."""
+        return self.rows.keys
+
     # -- the host side --
 
     def _host_batch(self, epoch: int, position: int, rows: np.ndarray) -> _HostBatch:

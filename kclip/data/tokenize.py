@@ -14,7 +14,7 @@ Tokenizer = Callable[[Sequence[str]], "object"]  # list of captions -> LongTenso
 def clip_tokenizer(context_length: int = CONTEXT_LENGTH) -> Tokenizer:
     """open_clip's SimpleTokenizer (CLIP's BPE vocabulary, lower-cased): captions -> LongTensor [B, context_length].
 
-    Built once per process; the loaders' worker processes each build their own instead of unpickling one.
+    Built once per process (the CPU loader builds it before it forks its workers, which inherit it).
     """
     try:
         from open_clip.tokenizer import SimpleTokenizer
