@@ -13,7 +13,13 @@ import logging
 import sys
 
 # Modules whose register(subparsers) adds subcommands, in the order they appear in --help.
-_COMMANDS: tuple[str, ...] = ("kclip.data.cli", "kclip.teacher.cli", "kclip.concepts.cli", "kclip.models.cli")
+_COMMANDS: tuple[str, ...] = (
+    "kclip.data.cli",
+    "kclip.teacher.cli",
+    "kclip.concepts.cli",
+    "kclip.train.cli",
+    "kclip.models.cli",
+)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -37,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command == "train":  # `kclip train --config FILE` parses its flags again over the file's values
+        args.train_argv = argv[argv.index("train") + 1 :]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from kclip.errors import KclipError
 
