@@ -248,3 +248,68 @@ def test_the_shipped_configs_parse(tmp_path):
         args = parse_train_args(["--config", str(path), "--train-data", "x", "--teacher-store", "s", "--concepts", "c"])
         assert args.alpha == 1.0 and args.beta == 0.01 and args.gamma == 1.0
     assert args.model == "ViT-B-32" and args.lr == 5e-5 and args.epochs == 100
+
+
+_DDP_SCRIPT = r"""
+import sys, json, torch, numpy as np, torch.distributed as dist
+from argparse import Namespace
+from torch.nn.parallel import DistributedDataParallel
+from kclip.models import build_model
+from kclip.train.loop import Targets, _step
+
+data, store, concepts, out, local = sys.argv[1:6]
+world = 1
+if "WORLD_SIZE" in __import__("os").environ:
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+rank = dist.get_rank() if world > 1 else 0
+args = Namespace(alpha=1.0, beta=0.5, gamma=1.0, teacher_store=store, concepts=concepts, train_data=data,
+                 local_loss=local == "1", precision="fp32", grad_clip_norm=None)
+torch.manual_seed(0)
+model = build_model("kclip-tiny", teacher_width=24, concepts=concepts)
+batch = torch.load(data + "/../batch.pt")
+per = len(batch["key"]) // world
+mine = {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
+targets = Targets(args, "train", np.array([k.encode() for k in mine["key"]]), torch.device("cpu"))
+wrapped = DistributedDataParallel(model) if world > 1 else model
+opt = torch.optim.SGD(model.parameters(), lr=0.0)
+losses = _step(wrapped, model, [mine], targets, args, world, torch.device("cpu"), opt, None)
+if world > 1:  # the mean over ranks of each rank's loss
+    for k in losses:
+        dist.all_reduce(losses[k])
+        losses[k] /= world
+if rank == 0:
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.save({"losses": {k: v.detach() for k, v in losses.items()}, "grads": grads}, out)
+if world > 1:
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_two_gloo_processes_equal_one_process_with_the_whole_batch(setup, tmp_path, local_loss):
+    from kclip.data.pipeline import build_loader
+    from kclip.data.transforms import TransformConfig
+
+    _, data, store, concepts = setup
+    loader = build_loader(data / "train", batch_size=8, train=False, cfg=TransformConfig(image_size=64), num_workers=0)
+    torch.save(next(iter(loader)), data / "batch.pt")
+    script = tmp_path / "ddp_step.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flag = "1" if local_loss else "0"
+    common = [str(data / "train"), str(store), str(concepts)]
+    one = subprocess.run([sys.executable, str(script), *common, str(tmp_path / "one.pt"), flag], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    two = subprocess.run([*cmd, *common, str(tmp_path / "two.pt"), flag], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for k in ("contrastive_loss", "distill_loss", "concept_loss", "total"):
+        torch.testing.assert_close(a["losses"][k], b["losses"][k], rtol=1e-5, atol=1e-6)
+    assert a["grads"].keys() == b["grads"].keys()
+    for n in a["grads"]:
+        torch.testing.assert_close(a["grads"][n], b["grads"][n], rtol=1e-4, atol=1e-6, msg=n)
