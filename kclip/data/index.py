@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import multiprocessing
 import os
 from collections import Counter
 from pathlib import Path
@@ -113,8 +112,9 @@ def index_shard(shard: str | os.PathLike, index_dir: str | os.PathLike | None = 
 
 
 def _pool(workers: int):
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    from kclip.data.shards import process_context
+
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=process_context())
 
 
 def _map(fn, items: list, workers: int | None, desc: str, progress: bool) -> list:

@@ -66,6 +66,7 @@ from kclip.data.shards import (
     decode_image,
     iter_tar,
     load_sample,
+    process_context,
     resolve_shards,
     split_name,
 )
@@ -381,19 +382,6 @@ def collate_metadata(metas: list[dict[str, Any]], keys: list[str]) -> dict[str, 
 # ---- the CPU twin ------------------------------------------------------------------------------------------------
 
 
-def worker_context():
-    """The start method of the twin's DataLoader workers: a fork server, started once from a clean process with
-    torch, kclip's loader and the CLIP tokenizer already imported (kclip.data._worker_preload), so a worker starts in
-    milliseconds. Workers forked from the training process itself may hang: a thread of that process (DALI's, a
-    progress bar's, k-means' OpenMP pool) can hold a lock at the moment of the fork that the worker then waits on
-    forever."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["kclip.data._worker_preload"])
-    return ctx
-
-
 class TwinDataset(IterableDataset):
     """The batches of one pass (see the module docstring), built inside the DataLoader workers: worker w of W builds
     batches start_batch + w, start_batch + w + W, ... of the epoch.
@@ -552,7 +540,7 @@ class CpuLoader(EpochPosition):
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,
-            multiprocessing_context=worker_context() if self.num_workers > 0 else None,
+            multiprocessing_context=process_context() if self.num_workers > 0 else None,
         )
         skipped = 0
         for batch in loader:

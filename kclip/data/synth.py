@@ -36,7 +36,6 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import re
 import time
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from kclip._atomic import atomic_write_text
-from kclip.data.shards import DataError, ShardWriter, cpu_count
+from kclip.data.shards import DataError, ShardWriter, cpu_count, process_context
 
 log = logging.getLogger(__name__)
 
@@ -657,9 +656,7 @@ def synth(
         for task in tasks:
             bar.update(_write_shard(task)["count"])
     else:
-        # fork is cheap and inherits nothing heavy (this module imports no torch); spawn elsewhere.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=process_context()) as pool:
             for done in pool.map(_write_shard, tasks):
                 bar.update(done["count"])
     bar.close()
