@@ -671,4 +671,5 @@ def image_list_loader(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_images,
+        multiprocessing_context=process_context() if num_workers > 0 else None,
     )
