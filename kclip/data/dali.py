@@ -36,15 +36,14 @@ import numpy as np
 
 from kclip.data.index import IndexedShards
 from kclip.data.loader import (
-    META_EXT,
     EpochPosition,
     ShardRows,
     check_order_args,
     collate_metadata,
     epoch_batches,
     num_batches,
-    sample_metadata,
     sample_rng,
+    usable_sample,
 )
 from kclip.data.shards import RawSample, sample_caption
 from kclip.data.tokenize import Tokenizer, clip_tokenizer
@@ -235,10 +234,7 @@ class DaliLoader(EpochPosition):
     def _host_batch(self, epoch: int, position: int, rows: np.ndarray) -> _HostBatch:
         encoded, starts, ends, mirror, keys, captions, metas, bad = [], [], [], [], [], [], [], []
         for sample in self.rows.read(rows):
-            meta, why = sample_metadata(sample.data.get(META_EXT))
-            caption, size = None, None
-            if why is None:
-                caption, size, why = _caption_and_size(sample)
+            meta, caption, size, why = usable_sample(sample, _caption_and_size)
             if why is not None:
                 bad.append((sample.key, why))
                 continue

@@ -353,6 +353,16 @@ def sample_metadata(data: bytes | None) -> tuple[dict[str, Any], str | None]:
     return meta, None
 
 
+def usable_sample(sample: RawSample, load) -> tuple[dict[str, Any], str | None, Any, str | None]:
+    """(metadata, caption, image, None) of a usable sample, or ({}, None, None, why): its .json checked first
+    (`sample_metadata`), then `load(sample)` -> (caption, image or its size, why) as each pipeline reads images."""
+    meta, why = sample_metadata(sample.data.get(META_EXT))
+    if why is not None:
+        return {}, None, None, why
+    caption, image, why = load(sample)
+    return meta, caption, image, why
+
+
 def collate_metadata(metas: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
     """The batch fields of the samples' metadata: "label" int64 [B], "attributes" uint8 [B, A], "tags" and "split"
     lists, each only where every sample has it.
@@ -441,10 +451,7 @@ class TwinDataset(IterableDataset):
         """Read, decode and transform the samples at `rows` into a batch (bad ones skipped into "bad")."""
         images, keys, captions, metas, bad = [], [], [], [], []
         for sample in self.plan.read(rows):
-            meta, why = sample_metadata(sample.data.get(META_EXT))
-            caption, img = None, None
-            if why is None:
-                caption, img, why = load_sample(sample)
+            meta, caption, img, why = usable_sample(sample, load_sample)
             if why is not None:
                 bad.append((sample.key, why))
                 continue
