@@ -36,12 +36,10 @@ import numpy as np
 
 from kclip.data.index import IndexedShards
 from kclip.data.loader import (
+    EpochOrder,
     EpochPosition,
     ShardRows,
-    check_order_args,
     collate_metadata,
-    epoch_batches,
-    num_batches,
     sample_rng,
     usable_sample,
 )
@@ -191,11 +189,9 @@ class DaliLoader(EpochPosition):
         hw_decoder_load: float = 0.65,
         tokenizer: Tokenizer | None = None,
     ):
-        check_order_args(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+        self.order = EpochOrder(batch_size, rank, world_size, seed, train if shuffle is None else shuffle, drop_last)
         self.rows = ShardRows.build(list(zip(shards.paths, shards.index_paths, strict=True)))
-        self.cfg, self.batch_size, self.train, self.device_id = cfg, batch_size, train, device_id
-        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
-        self.shuffle = train if shuffle is None else shuffle
+        self.cfg, self.train, self.device_id = cfg, train, device_id
         self.tokenizer = tokenizer
         self.epoch = 0
         self.bad: list[tuple[str, str]] = []
@@ -217,13 +213,7 @@ class DaliLoader(EpochPosition):
         self.pipeline.build()
 
     def __len__(self) -> int:
-        return num_batches(
-            len(self.rows),
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            drop_last=self.drop_last,
-        )
+        return self.order.count(len(self.rows))
 
     def sample_keys(self) -> np.ndarray:
         """The keys (bytes [N]) of every sample of the data set, all ranks', in stored order."""
@@ -240,7 +230,7 @@ class DaliLoader(EpochPosition):
                 continue
             if self.train:
                 # The draws of kclip.data.transforms.pil_train, in its order: the box, then the flip.
-                rng = sample_rng(self.seed, epoch, sample.key)
+                rng = sample_rng(self.order.seed, epoch, sample.key)
                 x0, y0, x1, y1 = random_box(rng, *size, self.cfg.scale, self.cfg.ratio)
                 flip = self.cfg.flip_p > 0 and rng.random() < self.cfg.flip_p
             else:
@@ -290,16 +280,7 @@ class DaliLoader(EpochPosition):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._active is not None:
             self._active.close()  # an unfinished pass: its finally empties the pipeline
-        batches = epoch_batches(
-            self.rows.keys,
-            batch_size=self.batch_size,
-            epoch=self.epoch,
-            seed=self.seed,
-            shuffle=self.shuffle,
-            rank=self.rank,
-            world_size=self.world_size,
-            drop_last=self.drop_last,
-        )
+        batches = self.order.batches(self.rows.keys, self.epoch)
         self._position, self._start = self._start, 0  # a later pass without set_epoch replays the epoch whole
         self._active = self._pass(batches, self._position)
         return self._active

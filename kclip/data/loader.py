@@ -331,6 +331,31 @@ def check_order_args(*, batch_size: int, rank: int, world_size: int, seed: int) 
         raise ValueError(f"seed must be >= 0, got {seed}")
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochOrder:
+    """The arguments of `epoch_batches` but the keys and the epoch, checked once: what both loaders hold."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    shuffle: bool
+    drop_last: bool
+
+    def __post_init__(self):
+        check_order_args(batch_size=self.batch_size, rank=self.rank, world_size=self.world_size, seed=self.seed)
+
+    def batches(self, keys: np.ndarray, epoch: int) -> list[np.ndarray]:
+        """The rows of each batch of this rank's epoch `epoch` over rows with these keys (`epoch_batches`)."""
+        return epoch_batches(keys, epoch=epoch, **dataclasses.asdict(self))
+
+    def count(self, n: int) -> int:
+        """Batches of this rank's epoch over n samples (`num_batches`)."""
+        return num_batches(
+            n, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last
+        )
+
+
 # ---- sample metadata ---------------------------------------------------------------------------------------------
 
 
@@ -416,36 +441,18 @@ class TwinDataset(IterableDataset):
         drop_last: bool = False,
         tokenizer: Tokenizer | None = None,
     ):
-        check_order_args(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
-        self.plan, self.cfg, self.batch_size, self.train = plan, cfg, batch_size, train
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle = train if shuffle is None else shuffle
-        self.drop_last, self.tokenizer = drop_last, tokenizer
+        self.plan, self.cfg, self.train, self.tokenizer = plan, cfg, train, tokenizer
+        self.order = EpochOrder(batch_size, rank, world_size, seed, train if shuffle is None else shuffle, drop_last)
         self.epoch = 0
         self.start_batch = 0
 
     def num_batches(self) -> int:
         """Batches of this rank's epoch."""
-        return num_batches(
-            len(self.plan),
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            drop_last=self.drop_last,
-        )
+        return self.order.count(len(self.plan))
 
     def batches(self) -> list[np.ndarray]:
         """The rows of each batch of this rank's epoch (`epoch_batches`)."""
-        return epoch_batches(
-            self.plan.keys,
-            batch_size=self.batch_size,
-            epoch=self.epoch,
-            seed=self.seed,
-            shuffle=self.shuffle,
-            rank=self.rank,
-            world_size=self.world_size,
-            drop_last=self.drop_last,
-        )
+        return self.order.batches(self.plan.keys, self.epoch)
 
     def load_batch(self, rows: np.ndarray) -> dict[str, Any]:
         """Read, decode and transform the samples at `rows` into a batch (bad ones skipped into "bad")."""
@@ -456,7 +463,7 @@ class TwinDataset(IterableDataset):
                 bad.append((sample.key, why))
                 continue
             if self.train:
-                images.append(pil_train(img, self.cfg, sample_rng(self.seed, self.epoch, sample.key)))
+                images.append(pil_train(img, self.cfg, sample_rng(self.order.seed, self.epoch, sample.key)))
             else:
                 images.append(pil_eval(img, self.cfg))
             keys.append(sample.key)
