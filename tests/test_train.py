@@ -150,7 +150,7 @@ def test_accum_freq_gives_the_loss_and_gradients_of_the_whole_batch(setup):
     from kclip.data.pipeline import build_loader
     from kclip.data.transforms import TransformConfig
     from kclip.models import build_model
-    from kclip.train.loop import Targets, _step
+    from kclip.train.loop import Targets, _step, training_store
 
     _, data, store, concepts = setup
     args = Namespace(alpha=1.0, beta=0.01, gamma=1.0, teacher_store=str(store), concepts=str(concepts))
@@ -160,7 +160,8 @@ def test_accum_freq_gives_the_loss_and_gradients_of_the_whole_batch(setup):
     cfg = TransformConfig(image_size=64)
     whole = next(iter(build_loader(data / "train", batch_size=8, train=False, cfg=cfg, backend="cpu", num_workers=0)))
     halves = [{k: v[s] for k, v in whole.items()} for s in (slice(0, 4), slice(4, 8))]
-    targets = Targets(args, "train", np.array([k.encode() for k in whole["key"]]), torch.device("cpu"))
+    keys = np.array([k.encode() for k in whole["key"]])
+    targets = Targets(args, training_store(str(store), "train"), keys, torch.device("cpu"))
     results = []
     for micro in ([whole], halves):
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -255,7 +256,7 @@ import sys, json, torch, numpy as np, torch.distributed as dist
 from argparse import Namespace
 from torch.nn.parallel import DistributedDataParallel
 from kclip.models import build_model
-from kclip.train.loop import Targets, _step
+from kclip.train.loop import Targets, _step, training_store
 
 data, store, concepts, out, local = sys.argv[1:6]
 world = 1
@@ -270,7 +271,8 @@ model = build_model("kclip-tiny", teacher_width=24, concepts=concepts)
 batch = torch.load(data + "/../batch.pt")
 per = len(batch["key"]) // world
 mine = {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
-targets = Targets(args, "train", np.array([k.encode() for k in mine["key"]]), torch.device("cpu"))
+keys = np.array([k.encode() for k in mine["key"]])
+targets = Targets(args, training_store(store, "train"), keys, torch.device("cpu"))
 wrapped = DistributedDataParallel(model) if world > 1 else model
 opt = torch.optim.SGD(model.parameters(), lr=0.0)
 losses = _step(wrapped, model, [mine], targets, args, world, torch.device("cpu"), opt, None)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# open_clip's precisions (open_clip_train's --precision), here so that building the command line imports no torch: amp*
+# keep fp32 weights under autocast; fp16/bf16 cast the weights except the LayerNorms; pure_* cast everything.
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
+
 _EXPORTS = {
-    "PRECISIONS": "kclip.models.knowledge_clip",
     "KnowledgeCLIP": "kclip.models.knowledge_clip",
     "ModelError": "kclip.models.knowledge_clip",
     "build_model": "kclip.models.knowledge_clip",

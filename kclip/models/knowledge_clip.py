@@ -22,12 +22,10 @@ import torch
 import torch.nn as nn
 
 from kclip.errors import KclipError
+from kclip.models import PRECISIONS
 
 DISTILL_HEADS = ("linear", "mlp")
 MLP_HIDDEN = 64  # the hidden width of the authors' W_e
-# open_clip's precisions (open_clip_train's --precision): amp* keep fp32 weights under autocast; fp16/bf16 cast the
-# weights except the LayerNorms (OpenAI's mixed precision); pure_* cast everything.
-PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "fp16", "bf16", "pure_fp16", "pure_bf16")
 _LOW_PRECISION = {
     "fp16": torch.float16,
     "pure_fp16": torch.float16,

@@ -181,12 +181,10 @@ class Metrics:
 class Targets:
     """The teacher rows and soft concept labels of a batch's keys, on the device."""
 
-    def __init__(self, args: argparse.Namespace, split: str, keys: np.ndarray, device: torch.device):
-        self.store = self.concepts = None
-        self.device = device
-        if args.alpha > 0:
-            self.store = _training_store(args.teacher_store, split)
-            self.store.check_keys(keys, what=f"the training split {args.train_data}")
+    def __init__(self, args: argparse.Namespace, store, keys: np.ndarray, device: torch.device):
+        self.store, self.concepts, self.device = store, None, device
+        if store is not None:  # the training split's view of the teacher store (`training_store`)
+            store.check_keys(keys, what=f"the training split {args.train_data}")
         if args.beta > 0:
             from kclip.concepts import Concepts
 
@@ -208,7 +206,7 @@ class Targets:
         return torch.from_numpy(self.concepts.labels(keys)).to(self.device)
 
 
-def _training_store(root: str, split: str):
+def training_store(root: str, split: str):
     """The store's view of the training split (its rows and statistics); a store of one split is used whole."""
     from kclip.teacher.store import StoreError, TeacherStore
 
@@ -337,13 +335,11 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
     detect_format(args.train_data)  # the data path first: a dataset root or a missing path is named before all else
     split = named_splits(args.train_data)[0][0]
 
-    teacher_width = None
-    if args.alpha > 0:
-        teacher_width = _training_store(args.teacher_store, split).width
+    store = training_store(args.teacher_store, split) if args.alpha > 0 else None
     model = build_model(
         args.model,
         pretrained=args.pretrained,
-        teacher_width=teacher_width,
+        teacher_width=None if store is None else store.width,
         distill_head=args.distill_head,
         concepts=args.concepts if args.beta > 0 else None,
         precision=args.precision,
@@ -371,7 +367,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
             f"--train-data {args.train_data}: {len(keys)} samples give {len(loader)} batches of {args.batch_size} per "
             f"rank ({world} ranks), fewer than one step of --accum-freq {args.accum_freq}"
         )
-    targets = Targets(args, split, keys, device)
+    targets = Targets(args, store, keys, device)
     steps_per_epoch = len(loader) // args.accum_freq
     if args.train_num_samples is not None:
         per_step = args.batch_size * args.accum_freq * world

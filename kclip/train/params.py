@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from kclip.errors import KclipError
+from kclip.models import PRECISIONS
 
-PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 SCHEDULERS = ("cosine", "const", "const-cooldown")
 DATASET_TYPES = ("webdataset", "csv", "auto")
 
