@@ -6,4 +6,4 @@ import kclip.data.loader  # noqa: F401  (torch, PIL, numpy, the transforms)
 import kclip.data.synth  # noqa: F401  (the synth pool's work)
 from kclip.data.tokenize import clip_tokenizer
 
-clip_tokenizer()  # CLIP's BPE vocabulary, ~1.5 s to build: once, in the server
+clip_tokenizer()  # open_clip's import (seconds) and CLIP's BPE vocabulary: once, in the server, not per worker

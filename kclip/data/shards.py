@@ -44,7 +44,7 @@ def cpu_count() -> int:
 def process_context():
     """The start method of every process kclip starts for data work (the CPU loader's workers, `data synth` and
     `data index` pools): a fork server, started once from a clean process with kclip's data modules and the CLIP
-    tokenizer already imported (kclip.data._worker_preload), so a process starts in milliseconds. Processes forked
+    tokenizer already imported (kclip.data._worker_preload), so a process costs a fork, not imports. Processes forked
     from the calling process itself may hang: one of its threads (DALI's, a progress bar's, an OpenMP pool) can hold
     a lock at the moment of the fork that the child then waits on forever; spawn where there is no fork server."""
     import multiprocessing
