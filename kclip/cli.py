@@ -19,6 +19,7 @@ _COMMANDS: tuple[str, ...] = (
     "kclip.concepts.cli",
     "kclip.train.cli",
     "kclip.models.cli",
+    "kclip.eval.cli",
 )
 
 

@@ -50,12 +50,18 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A kclip training checkpoint's dict, checked to hold a state_dict and the config naming its architecture.
+
+    Raises:
+        ExportError: a missing or unreadable file, or one that is not a kclip training checkpoint.
+    """
+    path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: no such checkpoint")
     try:
         # weights_only=False: a training checkpoint also holds the RNG states (python tuples, numpy arrays), which
-        # the weights-only unpickler refuses. Export only checkpoints you trust, as with any pickle.
+        # the weights-only unpickler refuses. Load only checkpoints you trust, as with any pickle.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: torch and pickle raise many types
         raise ExportError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
@@ -67,6 +73,39 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or not isinstance(config.get("model"), str):
         raise ExportError(f"{path}: no config naming the architecture (config['model']): not a kclip checkpoint")
     return ckpt
+
+
+def clip_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The open_clip model of a kclip training checkpoint, its clip.* weights loaded strictly, on the CPU.
+
+    Returns:
+        (clip, ckpt): the model (train mode, as open_clip builds it) and the checkpoint's dict.
+
+    Raises:
+        ExportError: as read_checkpoint, or a checkpoint without clip.* weights, an architecture open_clip does
+            not know, or weights that do not fit it.
+    """
+    import open_clip
+
+    from kclip.models.knowledge_clip import ModelError, _model_cfg, register_model_configs
+
+    path = Path(checkpoint)
+    ckpt = read_checkpoint(path)
+    arch = ckpt["config"]["model"]
+    clip_state = {k[len("clip.") :]: v for k, v in strip_prefixes(ckpt["state_dict"]).items() if k.startswith("clip.")}
+    if not clip_state:
+        raise ExportError(f"{path}: its state_dict has no clip.* entries: not a KnowledgeCLIP checkpoint")
+    register_model_configs()
+    try:
+        _model_cfg(arch)
+    except ModelError as e:
+        raise ExportError(f"{path}: {e}") from None
+    clip = open_clip.create_model(arch, device="cpu")
+    try:
+        clip.load_state_dict(clip_state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{path}: its clip weights do not fit architecture {arch} ({e})") from None
+    return clip, ckpt
 
 
 def _preprocess_cfg(clip: torch.nn.Module, arch: str, pretrained: str | None) -> dict[str, Any]:
@@ -99,27 +138,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
             architecture), one without clip.* weights, an architecture open_clip does not know, or weights that
             do not fit it.
     """
-    import open_clip
+    from kclip.models.knowledge_clip import _model_cfg
 
-    from kclip.models.knowledge_clip import ModelError, _model_cfg, register_model_configs
-
-    path = Path(checkpoint)
-    ckpt = _read_checkpoint(path)
+    clip, ckpt = clip_from_checkpoint(checkpoint)
     config = ckpt["config"]
     arch = config["model"]
-    clip_state = {k[len("clip.") :]: v for k, v in strip_prefixes(ckpt["state_dict"]).items() if k.startswith("clip.")}
-    if not clip_state:
-        raise ExportError(f"{path}: its state_dict has no clip.* entries: not a KnowledgeCLIP checkpoint")
-    register_model_configs()
-    try:
-        model_cfg = _model_cfg(arch)
-    except ModelError as e:
-        raise ExportError(f"{path}: {e}") from None
-    clip = open_clip.create_model(arch, device="cpu")
-    try:
-        clip.load_state_dict(clip_state, strict=True)
-    except RuntimeError as e:
-        raise ExportError(f"{path}: its clip weights do not fit architecture {arch} ({e})") from None
+    model_cfg = _model_cfg(arch)
+    clip_state = clip.state_dict()
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
