@@ -23,11 +23,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kclip._atomic import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("bench")
 
@@ -425,3 +428,36 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ---- floors of model passes ---------------------------------------------------------------------------------------
+
+
+def compute_dtype(precision: str, kind: str) -> torch.dtype:
+    """The dtype the matmuls of `precision` run in (kclip.train.loop.autocast_for's rule)."""
+    import torch
+
+    if precision in ("amp_bf16", "amp_bfloat16", "bf16", "pure_bf16"):
+        return torch.bfloat16
+    if precision in ("fp16", "pure_fp16") or (precision == "amp" and kind == "cuda"):
+        return torch.float16
+    return torch.bfloat16 if precision == "amp" else torch.float32
+
+
+def matmul_rate(model: str, batch: int, dtype: torch.dtype, kind: str) -> dict[str, Any]:
+    """Measured FLOP/s of the vision tower's first MLP product, [B x tokens, width] x [width, 4 width]."""
+    import open_clip
+    import torch
+
+    from kclip.models import register_model_configs
+
+    register_model_configs()
+    v = open_clip.get_model_config(model)["vision_cfg"]
+    tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    rows, width, mlp = batch * tokens, v["width"], int(v["width"] * v.get("mlp_ratio", 4.0))
+    a = torch.randn(rows, width, dtype=dtype, device=kind)
+    w = torch.randn(mlp, width, dtype=dtype, device=kind)
+    fn = lambda: torch.nn.functional.linear(a, w)
+    t = time_gpu(fn) if kind == "cuda" else time_cpu(fn, repeat=20, warmup=3)
+    rate = 2 * rows * width * mlp / (t["median"] * 1e-3)
+    return {"shape": [rows, width, mlp], "dtype": str(dtype).removeprefix("torch."), "gflops": rate / 1e9}

@@ -70,17 +70,17 @@ import numpy as np
 import torch
 from _common import (
     add_common_args,
+    compute_dtype,
     cpu_cores,
     cuda_sync,
     format_table,
+    matmul_rate,
     output_path,
     peak_memory,
     quantiles_ms,
     refuse_device,
     resolve_device,
     setup_logging,
-    time_cpu,
-    time_gpu,
     write_rows,
 )
 
@@ -432,36 +432,6 @@ def time_step(parts: StepParts, repeats: int, kind: str) -> dict[str, Any]:
     out["forward_gflop"] = counter.get_total_flops() / 1e9
     out.update(mem)
     return out
-
-
-# ---- floor --------------------------------------------------------------------------------------------------------
-
-
-def compute_dtype(precision: str, kind: str) -> torch.dtype:
-    """The dtype the matmuls of `precision` run in (kclip.train.loop.autocast_for's rule)."""
-    if precision in ("amp_bf16", "amp_bfloat16", "bf16", "pure_bf16"):
-        return torch.bfloat16
-    if precision in ("fp16", "pure_fp16") or (precision == "amp" and kind == "cuda"):
-        return torch.float16
-    return torch.bfloat16 if precision == "amp" else torch.float32
-
-
-def matmul_rate(model: str, batch: int, dtype: torch.dtype, kind: str) -> dict[str, Any]:
-    """Measured FLOP/s of the vision tower's first MLP product, [B x tokens, width] x [width, 4 width]."""
-    import open_clip
-
-    from kclip.models import register_model_configs
-
-    register_model_configs()
-    v = open_clip.get_model_config(model)["vision_cfg"]
-    tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
-    rows, width, mlp = batch * tokens, v["width"], int(v["width"] * v.get("mlp_ratio", 4.0))
-    a = torch.randn(rows, width, dtype=dtype, device=kind)
-    w = torch.randn(mlp, width, dtype=dtype, device=kind)
-    fn = lambda: torch.nn.functional.linear(a, w)
-    t = time_gpu(fn) if kind == "cuda" else time_cpu(fn, repeat=20, warmup=3)
-    rate = 2 * rows * width * mlp / (t["median"] * 1e-3)
-    return {"shape": [rows, width, mlp], "dtype": str(dtype).removeprefix("torch."), "gflops": rate / 1e9}
 
 
 # ---- main -------------------------------------------------------------------------------------------------------

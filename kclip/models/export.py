@@ -19,7 +19,9 @@ So both ``open_clip.create_model(ARCH, pretrained="DIR/open_clip_pytorch_model.b
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -75,6 +77,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+@contextlib.contextmanager
+def _no_random_weights_warning():
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def clip_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The open_clip model of a kclip training checkpoint, its clip.* weights loaded strictly, on the CPU.
 
@@ -100,7 +117,8 @@ def clip_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module
         _model_cfg(arch)
     except ModelError as e:
         raise ExportError(f"{path}: {e}") from None
-    clip = open_clip.create_model(arch, device="cpu")
+    with _no_random_weights_warning():  # the weights are loaded right after
+        clip = open_clip.create_model(arch, device="cpu")
     try:
         clip.load_state_dict(clip_state, strict=True)
     except RuntimeError as e:
