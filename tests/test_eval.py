@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_data_eval_sets import awa2, cub  # noqa: F401  (fixtures: the archives' layouts)
 
 from kclip.cli import main
 from kclip.data import synth as S
@@ -296,3 +297,32 @@ def test_bad_input_is_a_clear_error(setup, tmp_path, capsys, case, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("kclip eval: error:") and message in err, err
+
+
+def test_attribute_probes_on_the_awa2_and_cub_layouts(setup, awa2, cub):  # noqa: F811  (the imported fixtures)
+    root, _, _ = setup
+    sets = (("awa2", str(awa2)), ("cub", str(cub)))
+    summary = evaluate([str(root / "logs" / "a")], None, root / "out_sets",
+                       _settings(tasks=("attributes",), attribute_data=sets))  # fmt: skip
+    by = {r["dataset"]: r for r in summary["records"]}
+    assert set(by) == {"awa2", "cub"}
+    assert by["awa2"]["metrics"]["attributes"] == 4 and by["awa2"]["samples"] == 3  # the test class's images
+    assert by["cub"]["metrics"]["attributes"] == 3 and by["cub"]["probe_train"] == 2
+    for r in by.values():
+        assert 0 <= r["metrics"]["mean_attribute_accuracy"] <= 1 and 0 <= r["metrics"]["attribute_zeroshot_acc1"] <= 1
+
+
+def test_an_empty_split_is_a_clear_error(setup, tmp_path):
+    import shutil
+    import tarfile
+
+    root, data, _ = setup
+    copy = tmp_path / "ds"
+    shutil.copytree(data, copy)
+    (copy / "empty").mkdir()
+    with tarfile.open(copy / "empty" / "00000.tar", "w"):
+        pass
+    index_dataset(copy / "empty", workers=1, progress=False)
+    with pytest.raises(Exception, match="no shard holds a usable sample"):
+        evaluate([str(root / "logs" / "a")], str(copy), tmp_path / "o", _settings(tasks=("retrieval",),
+                                                                                 splits=("empty",)))  # fmt: skip

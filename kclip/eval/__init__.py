@@ -10,7 +10,7 @@ from typing import Any
 _EXPORTS = {
     "EvalError": "kclip.eval.errors",
     "EvalSettings": "kclip.eval.runner",
-    "TASKS": "kclip.eval.runner",
+    "TASKS": "kclip.eval.names",
     "evaluate": "kclip.eval.runner",
     "Encoder": "kclip.eval.encoders",
     "load_encoder": "kclip.eval.encoders",

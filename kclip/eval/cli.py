@@ -23,7 +23,8 @@ def _attribute_data(text: str) -> tuple[tuple[str, str], ...]:
 
 def settings_from_args(args: argparse.Namespace):
     """EvalSettings from the parsed flags."""
-    from kclip.eval.runner import TASKS, EvalSettings
+    from kclip.eval.names import TASKS
+    from kclip.eval.runner import EvalSettings
     from kclip.eval.text_em import EMConfig
 
     tasks = tuple(args.task) or (_list(args.tasks) if args.tasks else TASKS)
@@ -65,7 +66,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add `kclip eval` to the kclip command line."""
-    from kclip.eval.runner import TASKS
+    from kclip.eval.names import TASKS
 
     p = subparsers.add_parser(
         "eval",

@@ -20,12 +20,10 @@ import numpy as np
 import torch
 
 from kclip.eval.errors import EvalError
+from kclip.eval.names import ATTRIBUTE_SETS, TASKS
 from kclip.eval.text_em import EMConfig
 
 log = logging.getLogger(__name__)
-
-TASKS: tuple[str, ...] = ("retrieval", "zeroshot", "attributes", "text-em")
-ATTRIBUTE_SETS: tuple[str, ...] = ("awa2", "cub")
 
 
 @dataclasses.dataclass
