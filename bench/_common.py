@@ -430,6 +430,17 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
+def finish(out: str | os.PathLike, rows: Sequence[dict[str, Any]], meta: dict[str, Any], start: float,
+           columns: Sequence[tuple[str, str, str]]) -> None:  # fmt: skip
+    """The end of a benchmark: total time into meta, the JSON written, the table, the skipped providers, the path."""
+    meta["total_s"] = time.perf_counter() - start
+    write_rows(out, rows, meta)
+    print(format_table(rows, columns))
+    for key, why in meta["skipped"].items():
+        print(f"skipped {key}: {why}")
+    print(f"wrote {out}")
+
+
 # ---- floors of model passes ---------------------------------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ import torch
 from _common import (
     add_common_args,
     compute_dtype,
-    format_table,
+    finish,
     matmul_rate,
     output_path,
     refuse_device,
@@ -249,27 +249,23 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["mode"] == "features" and peer:
             r["vs_open_clip_loop"] = r["samples_per_s"] / peer["samples_per_s"]
-    meta["total_s"] = time.perf_counter() - start
-    write_rows(out, rows, meta)
-    print(
-        format_table(
-            rows,
-            [
-                ("provider", "provider", ""),
-                ("samples", "samples", ""),
-                ("seconds", "seconds", ".2f"),
-                ("samples/s", "samples_per_s", ".1f"),
-                ("x open_clip", "vs_open_clip_loop", ".2f"),
-                ("x floor", "over_floor", ".1f"),
-                ("features s", "features_s", ".1f"),
-                ("attributes s", "attributes_s", ".1f"),
-                ("text-em s", "text-em_s", ".1f"),
-            ],
-        )
+    finish(
+        out,
+        rows,
+        meta,
+        start,
+        [
+            ("provider", "provider", ""),
+            ("samples", "samples", ""),
+            ("seconds", "seconds", ".2f"),
+            ("samples/s", "samples_per_s", ".1f"),
+            ("x open_clip", "vs_open_clip_loop", ".2f"),
+            ("x floor", "over_floor", ".1f"),
+            ("features s", "features_s", ".1f"),
+            ("attributes s", "attributes_s", ".1f"),
+            ("text-em s", "text-em_s", ".1f"),
+        ],
     )
-    for key, why in meta["skipped"].items():
-        print(f"skipped {key}: {why}")
-    print(f"wrote {out}")
     return 0
 
 

@@ -73,7 +73,7 @@ from _common import (
     compute_dtype,
     cpu_cores,
     cuda_sync,
-    format_table,
+    finish,
     matmul_rate,
     output_path,
     peak_memory,
@@ -608,32 +608,28 @@ def main(argv: list[str] | None = None) -> int:
     base = by_provider.get("open_clip_train")
     for row in rows:
         row["vs_open_clip_train"] = row["samples_per_s"] / base["samples_per_s"] if base else None
-    meta["total_s"] = time.perf_counter() - start
-    write_rows(out, rows, meta)
-    print(
-        format_table(
-            rows,
-            [
-                ("provider", "provider", ""),
-                ("samples/s", "samples_per_s", ".2f"),
-                ("x oc_train", "vs_open_clip_train", ".3f"),
-                ("step ms", "step_ms", ".0f"),
-                ("data ms", "data_ms", ".0f"),
-                ("targets", "targets_ms", ".1f"),
-                ("fwd", "forward_ms", ".0f"),
-                ("loss", "loss_ms", ".1f"),
-                ("bwd", "backward_ms", ".0f"),
-                ("opt", "optimizer_ms", ".0f"),
-                ("floor ms", "floor_ms", ".0f"),
-                ("x floor", "over_floor", ".2f"),
-                ("wall s", "wall_s", ".1f"),
-                ("setup+save s", "setup_save_s", ".1f"),
-            ],
-        )
+    finish(
+        out,
+        rows,
+        meta,
+        start,
+        [
+            ("provider", "provider", ""),
+            ("samples/s", "samples_per_s", ".2f"),
+            ("x oc_train", "vs_open_clip_train", ".3f"),
+            ("step ms", "step_ms", ".0f"),
+            ("data ms", "data_ms", ".0f"),
+            ("targets", "targets_ms", ".1f"),
+            ("fwd", "forward_ms", ".0f"),
+            ("loss", "loss_ms", ".1f"),
+            ("bwd", "backward_ms", ".0f"),
+            ("opt", "optimizer_ms", ".0f"),
+            ("floor ms", "floor_ms", ".0f"),
+            ("x floor", "over_floor", ".2f"),
+            ("wall s", "wall_s", ".1f"),
+            ("setup+save s", "setup_save_s", ".1f"),
+        ],
     )
-    for key, why in meta["skipped"].items():
-        print(f"skipped {key}: {why}")
-    print(f"wrote {out}")
     return 0 if rows and not any(k in meta["skipped"] for k in ("kclip", "kclip-baseline")) else 1
 
 
