@@ -78,6 +78,15 @@ class AttributeData:
         return image_list_loader(self.paths, cfg or TransformConfig(), batch_size, num_workers, spans=spans)
 
 
+def class_attribute_shares(labels: np.ndarray, attributes: np.ndarray, num_classes: int) -> np.ndarray:
+    """float32 [C, A]: the share of each class's images with each attribute (0 for a class without images); C is
+    num_classes, or more where a label is beyond it."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float32)
+    shares = np.zeros((len(counts), attributes.shape[1]), dtype=np.float32)
+    np.add.at(shares, labels, attributes.astype(np.float32))
+    return shares / np.maximum(counts, 1)[:, None]
+
+
 def read_id_names(path: Path) -> list[tuple[int, str]]:
     """Lines "<id> <name>" (tab or spaces, leading blanks allowed) -> [(id, name)]."""
     if not path.is_file():

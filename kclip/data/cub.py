@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kclip.data.attributes import AttributeData, read_id_names, require_dir
+from kclip.data.attributes import AttributeData, class_attribute_shares, read_id_names, require_dir
 from kclip.data.shards import DataError
 
 
@@ -80,10 +80,7 @@ def read_cub(root: str | os.PathLike) -> AttributeData:
                 raise DataError(f"{labels_path}:{lineno}: image {img} or attribute {att} out of range")
             attributes[img - 1, att - 1] = present
             certainty[img - 1, att - 1] = cert
-    counts = np.bincount(labels, minlength=len(classes)).astype(np.float32)
-    class_attributes = np.zeros((len(classes), a), dtype=np.float32)
-    np.add.at(class_attributes, labels, attributes.astype(np.float32))
-    class_attributes /= np.maximum(counts, 1)[:, None]
+    class_attributes = class_attribute_shares(labels, attributes, len(classes))
     return AttributeData(
         name="cub",
         root=root,

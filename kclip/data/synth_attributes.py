@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kclip.data.attributes import AttributeData, read_id_names, require_dir
+from kclip.data.attributes import AttributeData, class_attribute_shares, read_id_names, require_dir
 from kclip.data.loader import META_EXT, ShardRows, sample_metadata, shard_sources
 from kclip.data.shards import DataError, RawSample, dataset_splits, resolve_shards
 from kclip.data.synth import class_names
@@ -55,10 +55,7 @@ def read_synth(root: str | os.PathLike, split: str) -> AttributeData:
     for i, sample in enumerate(rows.read(order, image=False)):
         meta = _sample_meta(sample, rows.shards[rows.shard[order[i]]], split, len(classes), len(attribute_names))
         labels[i], attributes[i] = meta["label"], meta["attributes"]
-    counts = np.bincount(labels, minlength=len(classes)).astype(np.float32)
-    class_attributes = np.zeros((len(classes), len(attribute_names)), dtype=np.float32)
-    np.add.at(class_attributes, labels, attributes.astype(np.float32))
-    class_attributes /= np.maximum(counts, 1)[:, None]
+    class_attributes = class_attribute_shares(labels, attributes, len(classes))
     return AttributeData(
         name="synth",
         root=root,

@@ -229,22 +229,26 @@ class Evaluation:
         for name, folder in self.s.attribute_data:
             self._attribute_set(name, folder)
 
-    def _probe_records(self, enc, dataset: str, probe, x_eval, y_eval, labels_eval, class_attributes,
-                       attribute_names, class_names_, **extra) -> None:  # fmt: skip
-        from kclip.eval.attributes import TASK, attribute_prompt, probe_metrics
+    @staticmethod
+    def _prompt_embeddings(enc, class_attributes: np.ndarray, attribute_names: list[str]) -> torch.Tensor:
+        """[C, E]: the text embedding of each class's attribute prompt."""
+        from kclip.eval.attributes import attribute_prompt
         from kclip.eval.features import text_features
+
+        return text_features(enc, [attribute_prompt(row, attribute_names) for row in class_attributes])
+
+    def _probe_records(self, enc, dataset: str, probe, prompt_emb, x_eval, y_eval, labels_eval, **extra) -> None:
+        from kclip.eval.attributes import TASK, probe_metrics
         from kclip.eval.zeroshot import classify
 
         metrics = probe_metrics(probe.logits(x_eval).numpy(), y_eval)
-        prompts = [attribute_prompt(row, attribute_names) for row in class_attributes]
-        class_emb = text_features(enc, prompts)
-        zs = classify(x_eval, class_emb, labels_eval, candidates=np.unique(labels_eval), ks=(1,))
+        zs = classify(x_eval, prompt_emb, labels_eval, candidates=np.unique(labels_eval), ks=(1,))
         metrics["attribute_zeroshot_acc1"] = zs["acc1"]
         metrics["attribute_zeroshot_classes"] = int(len(np.unique(labels_eval)))
         self.records.append(_record(TASK, dataset, enc.label, enc.path, metrics, **extra))
 
     def _synth_attributes(self) -> None:
-        from kclip.data.attributes import read_id_names
+        from kclip.data.attributes import class_attribute_shares, read_id_names
         from kclip.eval.attributes import fit_probe
 
         path = self.root / "attributes.txt"
@@ -260,19 +264,17 @@ class Evaluation:
                 return
             t0 = time.perf_counter()
             probe = fit_probe(train.image, train.attributes)
-            counts = np.bincount(train.labels, minlength=len(names)).astype(np.float32)
-            class_attr = np.zeros((len(counts), train.attributes.shape[1]), np.float32)
-            np.add.at(class_attr, train.labels, train.attributes.astype(np.float32))
-            class_attr /= np.maximum(counts, 1)[:, None]
+            class_attr = class_attribute_shares(train.labels, train.attributes, len(names))
+            prompt_emb = self._prompt_embeddings(enc, class_attr, attribute_names)  # once for every split
             self._time("attributes", t0)
             for split in self.s.splits:
                 f = self.split(enc, split)
                 if f.attributes is None:
                     continue
                 t0 = time.perf_counter()
-                self._probe_records(enc, self.dataset(split), probe, f.image, f.attributes, f.labels, class_attr,
-                                    attribute_names, names, split=split, samples=len(f),
-                                    probe_train=len(train), probe_loss=probe.loss)  # fmt: skip
+                self._probe_records(enc, self.dataset(split), probe, prompt_emb, f.image, f.attributes, f.labels,
+                                    split=split, samples=len(f), probe_train=len(train),
+                                    probe_loss=probe.loss)  # fmt: skip
                 self._time("attributes", t0)
 
     def _attribute_set(self, name: str, folder: str) -> None:
@@ -299,9 +301,10 @@ class Evaluation:
             if not len(train) or not len(test):
                 raise EvalError(f"--attribute-data {name}:{folder}: its split leaves no training or no test images")
             probe = fit_probe(x[train], data.attributes[rows[train]])
-            self._probe_records(enc, name, probe, x[test], data.attributes[rows[test]], data.labels[rows[test]],
-                                data.class_attributes, data.attribute_names, data.class_names, split="test",
-                                samples=len(test), probe_train=len(train), probe_loss=probe.loss)  # fmt: skip
+            prompt_emb = self._prompt_embeddings(enc, data.class_attributes, data.attribute_names)
+            self._probe_records(enc, name, probe, prompt_emb, x[test], data.attributes[rows[test]],
+                                data.labels[rows[test]], split="test", samples=len(test), probe_train=len(train),
+                                probe_loss=probe.loss)  # fmt: skip
             self._time("attributes", t0)
 
     def text_em(self) -> None:
