@@ -3,8 +3,12 @@
 The forward makes one pass over each row of logits, in blocks of K, carrying the online log-sum-exp and the
 target dot product together; it saves per row only the log-sum-exp and the target mass Σ_k s_k. The backward
 makes one pass and writes ∂z; the [B, K] probabilities are never stored. Targets are either dense [B, K] or
-top-k (indices [B, T], weights [B, T]); top-k targets are gathered in the forward and rebuilt per block by
-comparison in the backward (no scatter, so duplicate indices add up deterministically).
+top-k (indices [B, T], weights [B, T]); top-k targets are gathered in the forward, and in the backward the
+target-free part S·p is written for all of K and then the T entries of each row are written again with their
+targets: O(K + T²) per row, not O(K·T). Duplicate indices add up: each entry carries the summed weight of every
+entry with its index, so duplicates store the same value and the result does not depend on their order.
+Top-k indices outside [0, K) are left out of the loss and reported: the forward writes the first such row into a
+device-side flag that kclip.losses reads where the loss is read, without a host sync in the step.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def _soft_label_ce_fwd_kernel(
     LOSS,  # [N_ROWS] fp32
     LSE,  # [N_ROWS] fp32, natural log
     SSUM,  # [N_ROWS] fp32
+    BAD,  # [1] int32: the first row with a top-k index outside [0, K), N_ROWS where there is none
     N_ROWS,
     K,
     TOPK,
@@ -101,14 +106,17 @@ def _soft_label_ce_fwd_kernel(
         zg = tl.load(Z + rows[:, None] * stride_z + idx, mask=valid, other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_T]
         dot = tl.sum(tl.where(valid, w * zg, 0.0), 1)
         ssum = tl.sum(tl.where(valid, w, 0.0), 1)
+        out_of_range = tl.sum((tmask & ~valid).to(tl.int32), 1) > 0  # [BLOCK_B]
+        tl.atomic_min(BAD, tl.min(tl.where(out_of_range, rows, N_ROWS), 0).to(tl.int32))
     lse = (tl.where(row_mask, m_i, 0.0) + tl.log2(tl.where(row_mask, l_i, 1.0))) * LN2  # padding rows: finite
     tl.store(LOSS + rows, lse * ssum - dot, mask=row_mask)
     tl.store(LSE + rows, lse, mask=row_mask)
     tl.store(SSUM + rows, ssum, mask=row_mask)
 
 
-# Backward: ∂loss/∂z_ik = (g/B) · (S_i · e^{z_ik − lse_i} − s_ik), one pass over K per row. Top-k targets
-# are rebuilt per block as s_ik = Σ_t w_it · [idx_it = k].
+# Backward: ∂loss/∂z_ik = (g/B) · (S_i · e^{z_ik − lse_i} − s_ik), one pass over K per row. Top-k targets:
+# the pass writes (g/B) · S_i · p_ik everywhere, then each kept entry t is written again as
+# (g/B) · (S_i · p_i,idx_it − Σ_{t': idx_it' = idx_it} w_it'), recomputed from z (no read-back of the first store).
 @triton.autotune(configs=_configs(), key=["N_ROWS", "K"], prune_configs_by={"early_config_prune": _prune_by_k})
 @triton.jit
 def _soft_label_ce_bwd_kernel(
@@ -147,14 +155,25 @@ def _soft_label_ce_bwd_kernel(
         p = tl.exp2(z * LOG2E - lse2[:, None])  # [BLOCK_B, BLOCK_K]
         if DENSE:
             s = tl.load(S + rows[:, None] * stride_s + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+            dz = (p * ssum[:, None] - s) * coef
         else:
-            s = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
-            for t in range(0, TOPK):
-                idx_t = tl.load(IDX + rows * stride_idx + t, mask=row_mask, other=-1).to(tl.int64)
-                w_t = tl.load(W + rows * stride_w + t, mask=row_mask, other=0.0).to(tl.float32)
-                s += tl.where(ks[None, :] == idx_t[:, None], w_t[:, None], 0.0)
-        dz = (p * ssum[:, None] - s) * coef
+            dz = p * ssum[:, None] * coef
         tl.store(DZ + rows[:, None] * K + ks[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+    if not DENSE:
+        # This program owns its rows: after the barrier every thread's store above is visible, and the kept
+        # entries are overwritten with their full gradient.
+        tl.debug_barrier()
+        offs_t = tl.arange(0, BLOCK_T)
+        tmask = row_mask[:, None] & (offs_t < TOPK)[None, :]
+        idx = tl.load(IDX + rows[:, None] * stride_idx + offs_t[None, :], mask=tmask, other=-1).to(tl.int64)
+        w = tl.load(W + rows[:, None] * stride_w + offs_t[None, :], mask=tmask, other=0.0).to(tl.float32)
+        valid = tmask & (idx >= 0) & (idx < K)  # [BLOCK_B, BLOCK_T]
+        same = (idx[:, :, None] == idx[:, None, :]) & valid[:, None, :]  # [BLOCK_B, BLOCK_T, BLOCK_T]
+        w_all = tl.sum(tl.where(same, w[:, None, :], 0.0), 2)  # the summed weight of the entry's index
+        zg = tl.load(Z + rows[:, None] * stride_z + idx, mask=valid, other=0.0).to(tl.float32)
+        pg = tl.exp2(zg * LOG2E - lse2[:, None])
+        dzg = (pg * ssum[:, None] - w_all) * coef
+        tl.store(DZ + rows[:, None] * K + idx, dzg.to(DZ.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,7 +205,8 @@ def soft_label_ce_forward(
 
     Shapes: logits [B, K]; targets [B, K] (dense) or indices, weights [B, T] (top-k).
 
-    Returns: (loss [] fp32, log-sum-exp [B] fp32, target mass [B] fp32).
+    Returns: (loss [] fp32, log-sum-exp [B] fp32, target mass [B] fp32, bad [1] int32: the first row with a
+    top-k index outside [0, K), or B where there is none; left on the device).
     """
     logits = _rowmajor(logits)
     n_rows, k = logits.shape
@@ -194,13 +214,14 @@ def soft_label_ce_forward(
     loss_rows = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(loss_rows)
     ssum = torch.empty_like(loss_rows)
+    bad = torch.full((1,), n_rows, device=logits.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_B"]),)
     _soft_label_ce_fwd_kernel[grid](
-        logits, targets, idx, w, loss_rows, lse, ssum, n_rows, k, topk,
+        logits, targets, idx, w, loss_rows, lse, ssum, bad, n_rows, k, topk,
         logits.stride(0), targets.stride(0), idx.stride(0), w.stride(0),
         DENSE=dense, BLOCK_T=triton.next_power_of_2(max(topk, 1)),
     )  # fmt: skip
-    return loss_rows.sum() / n_rows, lse, ssum
+    return loss_rows.sum() / n_rows, lse, ssum, bad
 
 
 def soft_label_ce_backward(
@@ -229,14 +250,15 @@ def soft_label_ce_backward(
 @torch.library.custom_op("kclip::soft_label_ce_fwd", mutates_args=())
 def _fwd_op(
     logits: torch.Tensor, targets: torch.Tensor | None, indices: torch.Tensor | None, weights: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return soft_label_ce_forward(logits, targets, indices, weights)
 
 
 @_fwd_op.register_fake
 def _(logits, targets, indices, weights):
     rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
-    return logits.new_empty((), dtype=torch.float32), rows, rows.clone()
+    bad = logits.new_empty(1, dtype=torch.int32)
+    return logits.new_empty((), dtype=torch.float32), rows, rows.clone(), bad
 
 
 @torch.library.custom_op("kclip::soft_label_ce_bwd", mutates_args=())
@@ -258,16 +280,18 @@ def _(grad, logits, lse, ssum, targets, indices, weights):
 
 
 class SoftLabelCEFunction(torch.autograd.Function):
-    """Autograd glue: saves the logits, the targets and two floats per row; no gradient to the targets."""
+    """Autograd glue: saves the logits, the targets and two floats per row; no gradient to the targets (nor to
+    the out-of-range flag, the second output)."""
 
     @staticmethod
     def forward(ctx, logits, targets, indices, weights):
-        loss, lse, ssum = torch.ops.kclip.soft_label_ce_fwd(logits, targets, indices, weights)
+        loss, lse, ssum, bad = torch.ops.kclip.soft_label_ce_fwd(logits, targets, indices, weights)
         ctx.save_for_backward(logits, lse, ssum, targets, indices, weights)
-        return loss
+        ctx.mark_non_differentiable(bad)
+        return loss, bad
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_bad):
         logits, lse, ssum, targets, indices, weights = ctx.saved_tensors
         d_logits = torch.ops.kclip.soft_label_ce_bwd(grad, logits, lse, ssum, targets, indices, weights)
         return d_logits, None, None, None
@@ -285,7 +309,8 @@ def soft_label_ce(
         logits: [B, K], fp32, fp16 or bf16.
         targets: dense soft labels [B, K]; or None with ``indices`` (int, [B, T]) and ``weights`` ([B, T]).
 
-    Returns: the mean over rows, [] fp32. Gradient flows to ``logits`` only.
+    Returns: (the mean over rows, [] fp32; the first row with a top-k index outside [0, K), [1] int32 on the
+    device, B where there is none). Gradient flows to ``logits`` only.
     """
     return SoftLabelCEFunction.apply(logits, targets, indices, weights)
 

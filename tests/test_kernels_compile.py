@@ -68,14 +68,16 @@ def _cd_bwd(dtype, store_mode):
 
 
 def _ce(dtype, dense, backward):
-    names = "Z S IDX W DZ LSE SSUM GRAD" if backward else "Z S IDX W LOSS LSE SSUM"
+    names = "Z S IDX W DZ LSE SSUM GRAD" if backward else "Z S IDX W LOSS LSE SSUM BAD"
     sig = {n: "*fp32" for n in names.split()} | {"Z": f"*{dtype}", "IDX": "*i64"}
+    if not backward:
+        sig["BAD"] = "*i32"
     if backward:
         sig["DZ"] = f"*{dtype}"
     sig |= {n: "i32" for n in "N_ROWS K TOPK stride_z stride_s stride_idx stride_w".split()}
     if backward:
         sig["INV_B"] = "fp32"
-    return sig, {"DENSE": dense, "BLOCK_T": 8}
+    return sig, {"DENSE": dense, "BLOCK_T": 16}  # T = 16: the widest top-k of the concept labels
 
 
 CASES = [

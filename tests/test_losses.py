@@ -237,6 +237,40 @@ def test_soft_label_ce_duplicate_topk_indices_add_up():
         assert _max_err(g, w) < 1e-5
 
 
+def test_soft_label_ce_topk_16_with_many_duplicates_over_blocks():
+    """T = 16 with indices drawn from few values, K spanning several blocks: the scatter of the backward."""
+    g = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(11, 700, generator=g)
+    indices = torch.randint(0, 6, (11, 16), generator=g) * 131  # 6 distinct values in [0, 700), in every block
+    weights = torch.softmax(torch.randn(11, 16, generator=g), -1)
+    got = _ce_run(logits, (indices, weights), "triton")
+    want = _ce_run(logits.double(), (indices, weights.double()), "reference")
+    for g_, w in zip(got, want, strict=True):
+        assert _max_err(g_, w) <= 1e-5 * (1 + w.abs().max().item())
+    again = _ce_run(logits, (indices, weights), "triton")
+    assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))  # duplicates in any order: bitwise
+
+
+def test_out_of_range_topk_index_is_reported_where_the_loss_is_read(monkeypatch):
+    """Without the host-side value checks (a GPU without KCLIP_CHECK), the kernel keeps the first bad row on the
+    device; raise_deferred_errors names it; entries out of range are left out of the loss meanwhile."""
+    from kclip import losses
+
+    monkeypatch.setattr(losses, "_value_checks", lambda device: False)
+    logits = torch.randn(5, 50)
+    indices = torch.tensor([[1, 2], [3, 4], [5, 50], [6, -1], [7, 8]])
+    weights = torch.full((5, 2), 0.5)
+    losses.raise_deferred_errors()  # nothing pending from earlier tests
+    loss = soft_label_cross_entropy(logits, (indices, weights), backend="triton")
+    clean = soft_label_cross_entropy(logits, (indices.clamp(0, 49), torch.where((indices >= 0) & (indices < 50),
+                                     weights, 0.0)), backend="reference")  # fmt: skip
+    assert torch.allclose(loss, clean.float(), atol=1e-5)
+    soft_label_cross_entropy(logits[:2], (indices[:2], weights[:2]), backend="triton")  # a clean call after it
+    with pytest.raises(ValueError, match=r"row 2 of the soft-label cross-entropy call 1 of 2 .* outside \[0, 50\)"):
+        losses.raise_deferred_errors()
+    losses.raise_deferred_errors()  # read once: cleared
+
+
 # ---- dispatch and input checks ------------------------------------------------------------------------------------
 
 
@@ -359,6 +393,23 @@ def test_gpu_fp32_and_large_batch():
     got, want = _run(inputs, "triton"), _reference64(inputs)
     for g, w in zip(got, want, strict=True):
         assert _max_err(g, w) <= 1e-4 * (1 + w.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_soft_label_ce_topk_bf16_and_the_deferred_check():
+    for k, t in ((100, 8), (65536, 16)):
+        logits, (idx, w) = _soft_case(4096, k, torch.bfloat16, topk=t, device="cuda", seed=k)
+        got = _ce_run(logits, (idx, w), "triton")
+        want = _ce_run(logits.double(), (idx, w.double()), "reference")
+        torch_low = _ce_run(logits, (idx, w), "reference")
+        for g, w_, t_ in zip(got, want, torch_low, strict=True):
+            assert _max_err(g, w_) <= 2 * _max_err(t_, w_) + 4 * EPS[torch.bfloat16] * (1 + w_.abs().max().item())
+    from kclip import losses
+
+    idx[7, 3] = k  # one index out of range: no error in the step, one where the loss is read
+    soft_label_cross_entropy(logits, (idx, w), backend="triton")
+    with pytest.raises(ValueError, match="row 7 of"):
+        losses.raise_deferred_errors()
 
 
 @pytest.mark.gpu

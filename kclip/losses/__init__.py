@@ -7,7 +7,10 @@ Importing this module imports neither Triton nor the kernels and touches no GPU:
 
 Input checks: shapes and dtypes always (``ValueError`` naming the argument). Checks that need the values, hence a
 host synchronisation (finite logit scale and features, non-negative soft targets that sum to 1 per row, top-k
-indices in range), run on CPU tensors, and on GPU tensors only when ``KCLIP_CHECK=1``.
+indices in range), run on CPU tensors, and on GPU tensors only when ``KCLIP_CHECK=1``. Without it, the soft-label
+kernel still finds top-k indices outside [0, K) (they are left out of the loss) and keeps the first such row on
+the device; :func:`raise_deferred_errors`, called where the loss is read anyway (the training loop's log
+interval), turns it into a ``ValueError`` naming the row, at the cost of the one synchronisation it already makes.
 """
 
 from __future__ import annotations
@@ -19,10 +22,50 @@ import torch
 
 from kclip.losses import reference
 
-__all__ = ["contrastive_distill_loss", "soft_label_cross_entropy", "reference"]
+__all__ = ["contrastive_distill_loss", "soft_label_cross_entropy", "raise_deferred_errors", "reference"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "reference")
+
+
+class _DeferredIndexCheck:
+    """The first out-of-range top-k row the kernel found since the last read, per device, as one int64 on that
+    device: call number · 2^32 + row (int64 max where there is none), combined with torch.minimum (no sync)."""
+
+    NONE = torch.iinfo(torch.int64).max
+
+    def __init__(self) -> None:
+        self.first: dict[torch.device, torch.Tensor] = {}
+        self.calls = 0
+        self.k: int | None = None
+
+    def record(self, bad: torch.Tensor, n_rows: int, k: int) -> None:
+        code = torch.where(bad < n_rows, bad.to(torch.int64) + (self.calls << 32), self.NONE)  # [1]
+        prev = self.first.get(bad.device)
+        self.first[bad.device] = code if prev is None else torch.minimum(prev, code)
+        self.calls += 1
+        self.k = k
+
+    def read(self) -> None:
+        first, calls, k = self.first, self.calls, self.k
+        self.first, self.calls = {}, 0
+        for code in first.values():
+            value = int(code.item())  # the synchronisation: once per read, not per step
+            if value != self.NONE:
+                call, row = divmod(value, 1 << 32)
+                raise ValueError(
+                    f"soft_targets indices: row {row} of the soft-label cross-entropy call {call + 1} of {calls} "
+                    f"since the last check has an index outside [0, {k}) (left out of that loss)"
+                )
+
+
+_DEFERRED = _DeferredIndexCheck()
+
+
+def raise_deferred_errors() -> None:
+    """Raise ValueError for a top-k soft-label index outside [0, K) that a kernel found since the last call
+    (module docstring); reads one number per device, so call it where the loss is read anyway."""
+    _DEFERRED.read()
 
 
 def _flag(name: str) -> bool:
@@ -268,5 +311,8 @@ def soft_label_cross_entropy(
     from kclip.kernels.soft_label_ce import soft_label_ce
 
     if dense:
-        return soft_label_ce(logits, soft_targets)
-    return soft_label_ce(logits, None, indices, weights)
+        return soft_label_ce(logits, soft_targets)[0]
+    loss, bad = soft_label_ce(logits, None, indices, weights)
+    if not _value_checks(device) and not torch.compiler.is_compiling():
+        _DEFERRED.record(bad, n_rows, k)
+    return loss

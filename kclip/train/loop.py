@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from kclip.errors import KclipError
+from kclip.losses import raise_deferred_errors
 from kclip.train.checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -475,6 +476,10 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
                 at_log = step % args.log_every_n_steps == 0 or step == total_steps
                 if at_log:
                     last = _log(sums, finite, logged_steps, step, epoch, optimizer, samples, t_log, data_time, device)
+                    try:  # the kernels' deferred input checks, read here where _log has synchronised anyway
+                        raise_deferred_errors()
+                    except ValueError as e:
+                        raise ConfigError(f"--concepts {args.concepts}: {e}") from None
                     if rank == 0:
                         metrics.write(last)
                         bar.set_postfix(loss=f"{last['total']:.4f}", lr=f"{last['lr']:.2e}", sps=last["samples_per_s"])
