@@ -89,6 +89,10 @@ SHAPES: dict[str, list[Shape]] = {
     "cpu": [
         Shape(100_000, 64, 128, 25, "k-means++"),
         Shape(200_000, 128, 256, 10, "k-means++"),  # 10 updates keep the whole CPU run within a few minutes
+        # the method's own shapes: K = 100 concepts over 20k teacher rows, at the widths of SmolLM2-135M (the
+        # embedded teacher) and Llama-2-7B
+        Shape(20_000, 576, 100, 10, "k-means++"),
+        Shape(20_000, 4096, 100, 10, "k-means++"),
     ],
     "cuda": [
         Shape(1_000_000, 4096, 1024, 10, "k-means++"),
