@@ -14,6 +14,7 @@ import sys
 
 # Modules whose register(subparsers) adds subcommands, in the order they appear in --help.
 _COMMANDS: tuple[str, ...] = (
+    "kclip.run.cli",
     "kclip.data.cli",
     "kclip.teacher.cli",
     "kclip.concepts.cli",

@@ -239,7 +239,7 @@ def test_an_exported_checkpoint_loads_in_open_clip_with_identical_features(setup
 
 
 def test_the_shipped_configs_parse(tmp_path):
-    """configs/tiny.yaml and configs/paper.yaml hold only flags of `kclip train`, with values of the right types."""
+    """configs/tiny.yaml and configs/paper.yaml are run configs whose train: section `kclip train --config` reads."""
     from pathlib import Path
 
     from kclip.train.params import parse_train_args

@@ -48,14 +48,14 @@ def _models(records: list[dict]) -> list[str]:
     return out
 
 
-def _fmt(value: Any, std: Any = None) -> str:
+def pct(value: Any, std: Any = None) -> str:
     if isinstance(value, float):
         text = f"{100 * value:.1f}"
         return f"{text} ± {100 * std:.1f}" if isinstance(std, float) else text
     return "–" if value is None else str(value)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -69,8 +69,8 @@ def _task_table(records: list[dict], task: str) -> list[str]:
     body = []
     for d in datasets:
         for m in metrics:
-            body.append([d, m] + [_fmt(by[(x, d)]["metrics"].get(m)) if (x, d) in by else "–" for x in models])
-    return _table(["dataset", "metric (%)", *models], body)
+            body.append([d, m] + [pct(by[(x, d)]["metrics"].get(m)) if (x, d) in by else "–" for x in models])
+    return md_table(["dataset", "metric (%)", *models], body)
 
 
 def _em_tables(records: list[dict]) -> list[str]:
@@ -86,11 +86,11 @@ def _em_tables(records: list[dict]) -> list[str]:
         line = [x]
         for d in datasets:
             m = by[(x, d)]["metrics"] if (x, d) in by else {}
-            line += [_fmt(m.get("exact_match"), m.get("exact_match_std") if m.get("seeds", 1) > 1 else None),
-                     _fmt(m.get("token_f1"), m.get("token_f1_std") if m.get("seeds", 1) > 1 else None)]  # fmt: skip
+            line += [pct(m.get("exact_match"), m.get("exact_match_std") if m.get("seeds", 1) > 1 else None),
+                     pct(m.get("token_f1"), m.get("token_f1_std") if m.get("seeds", 1) > 1 else None)]  # fmt: skip
         body.append(line)
     first = rows[0]
-    out = _table(header, body)
+    out = md_table(header, body)
     out += ["", f"{first['samples']} captions per split, adapters trained on {first['train_captions']} training "
             f"captions, {first['metrics']['seeds']} seed(s) (mean ± standard deviation over seeds)."]  # fmt: skip
     for d in datasets:
@@ -99,17 +99,17 @@ def _em_tables(records: list[dict]) -> list[str]:
             continue
         counts = by[(models[0], d)]["metrics"]["captions_by_tag"]
         out += ["", f"EM by phenomenon tag, {d} (captions with the tag):", ""]
-        body = [[f"{t} ({counts[t]})"] + [_fmt(by[(x, d)]["metrics"]["exact_match_by_tag"].get(t)) for x in models]
+        body = [[f"{t} ({counts[t]})"] + [pct(by[(x, d)]["metrics"]["exact_match_by_tag"].get(t)) for x in models]
                 for t in tags]  # fmt: skip
-        out += _table(["tag", *models], body)
+        out += md_table(["tag", *models], body)
     return out
 
 
 def markdown(summary: dict[str, Any]) -> str:
     records = summary["records"]
     lines = ["# kclip eval", ""]
-    ckpts = [[c["label"], c["kind"], c["model"], _fmt(c["epoch"]), f"`{c['path']}`"] for c in summary["checkpoints"]]
-    lines += _table(["label", "kind", "architecture", "epoch", "checkpoint"], ckpts)
+    ckpts = [[c["label"], c["kind"], c["model"], pct(c["epoch"]), f"`{c['path']}`"] for c in summary["checkpoints"]]
+    lines += md_table(["label", "kind", "architecture", "epoch", "checkpoint"], ckpts)
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items())
     lines += ["", f"Data `{summary['data']}`, device {summary['device']}; time: {secs}.", ""]
     for task, title in TASK_TITLES.items():

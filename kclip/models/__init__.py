@@ -17,6 +17,8 @@ _EXPORTS = {
     "ModelError": "kclip.models.knowledge_clip",
     "build_model": "kclip.models.knowledge_clip",
     "make_distill_head": "kclip.models.knowledge_clip",
+    "missing_pretrained": "kclip.models.knowledge_clip",
+    "model_embed_dim": "kclip.models.knowledge_clip",
     "param_groups": "kclip.models.knowledge_clip",
     "register_model_configs": "kclip.models.knowledge_clip",
     "ExportError": "kclip.models.export",

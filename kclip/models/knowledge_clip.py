@@ -74,6 +74,12 @@ def _model_cfg(name: str) -> dict[str, Any]:
     return cfg
 
 
+def model_embed_dim(name: str) -> int:
+    """The embedding width E of open_clip architecture `name` (what the concept classifier C must read)."""
+    register_model_configs()
+    return int(_model_cfg(name)["embed_dim"])
+
+
 def make_distill_head(kind: str, embed_dim: int, teacher_width: int) -> nn.Module:
     """W_e: the map from the student's text embedding (width E) to the teacher's (width D).
 
@@ -199,6 +205,31 @@ class KnowledgeCLIP(nn.Module):
         if self.concept_classifier is not None:
             out["concept_logits"] = self.concept_classifier(image_features)  # [B, K]
         return out
+
+
+def missing_pretrained(model: str, pretrained: str | None) -> str | None:
+    """Why `pretrained` weights of `model` cannot be loaded without a network, or None where they can: a local
+    file, or an open_clip tag whose weights are in the Hugging Face cache (what `kclip run` checks first)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    if pretrained is None or os.path.isfile(pretrained) or model.startswith(_SCHEMAS):
+        return None
+    try:
+        _check_pretrained(model, pretrained)
+    except ModelError as e:
+        return str(e)
+    cfg = open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained)
+    hub = (cfg.get("hf_hub") or "").split("/")  # "org/name/" or "org/name/file"
+    if len(hub) >= 2:
+        repo, filename = "/".join(hub[:2]), "/".join(hub[2:])
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+            return None
+        where = f"the Hugging Face cache (repo {repo}; `huggingface-cli download {repo}` on a machine with a network)"
+    else:
+        where = "open_clip's cache"
+    return f"--pretrained {pretrained}: the weights of {model} are not in {where}, or pass a local checkpoint file"
 
 
 def _check_pretrained(model: str, pretrained: str) -> None:

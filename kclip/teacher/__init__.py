@@ -19,6 +19,7 @@ _EXPORTS = {
     "Teacher": "kclip.teacher.model",
     "TeacherError": "kclip.teacher.model",
     "load_teacher": "kclip.teacher.model",
+    "missing_model": "kclip.teacher.model",
     "pool_hidden": "kclip.teacher.model",
     "smollm2_gguf": "kclip.teacher.model",
     "StoreError": "kclip.teacher.store",

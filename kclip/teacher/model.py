@@ -100,6 +100,27 @@ def resolve_model(spec: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
+def missing_model(spec: str) -> str | None:
+    """Why the teacher `spec` cannot be loaded without a network, or None where it can: the packaged SmolLM2, a
+    local file or directory, or a Hugging Face id whose config is in the local cache (what `kclip run` checks
+    first)."""
+    try:
+        kind, _ = resolve_model(spec)
+    except TeacherError as e:
+        return str(e)
+    if kind != "hub":
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        return None
+    return (
+        f"--model {spec}: not in the Hugging Face cache; download it where there is a network "
+        f"(`huggingface-cli download {spec}`, after accepting its licence where it is gated) or pass a local "
+        "model directory"
+    )
+
+
 def _import_transformers():
     try:
         import transformers

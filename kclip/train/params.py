@@ -2,7 +2,8 @@
 for the teacher store, the concepts and the loss weights, and ``--config FILE.yaml`` whose keys are the flags.
 
 A config file holds flag names as keys, with dashes or underscores (``batch-size: 32`` or ``batch_size: 32``);
-flags given on the command line override it. An unknown key is an error naming the file and the key.
+flags given on the command line override it. An unknown key is an error naming the file and the key. A `kclip run`
+config (sections data, teacher, concepts, train, eval, budget) gives its ``train:`` section.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from kclip.errors import KclipError
 from kclip.models import PRECISIONS
 
 SCHEDULERS = ("cosine", "const", "const-cooldown")
+# The top-level keys of a `kclip run` config (kclip.run.config), whose train: section holds these flags.
+RUN_SECTIONS = {"name", "data", "teacher", "concepts", "train", "eval", "budget"}
 DATASET_TYPES = ("webdataset", "csv", "auto")
 
 
@@ -89,8 +92,8 @@ def _dest_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     return {a.dest: a.dest for a in parser._actions if a.dest not in ("help", "config")}
 
 
-def load_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The YAML config as {dest: value}; raises ConfigError for a missing or malformed file or an unknown key."""
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A --config file as a mapping; ConfigError for a missing file, bad YAML or a file that is not a mapping."""
     import yaml
 
     path = Path(path)
@@ -101,7 +104,15 @@ def load_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dic
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(raw).__name__}")
+        raise ConfigError(f"--config {path}: expected a mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The YAML config as {dest: value}; raises ConfigError for a missing or malformed file or an unknown key."""
+    raw = read_yaml(path)
+    if isinstance(raw.get("train"), dict) and set(raw) <= RUN_SECTIONS:
+        raw = raw["train"]
     known = _dest_names(parser)
     out = {}
     for key, value in raw.items():
@@ -110,6 +121,29 @@ def load_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dic
             raise ConfigError(f"--config {path}: unknown key {key!r} (keys are the flags of `kclip train`)")
         out[dest] = value
     return out
+
+
+def flags_to_argv(values: dict[str, Any], where: str) -> list[str]:
+    """`kclip train` flags from a mapping of flag names to values (a run config's train: section): None leaves a
+    flag at its default, True gives a switch, False leaves it off. An unknown name is a ConfigError naming `where`.
+    """
+    parser = argparse.ArgumentParser(prog="kclip train")
+    add_train_arguments(parser)
+    switches = {a.dest for a in parser._actions if isinstance(a, argparse._StoreTrueAction)}
+    known = _dest_names(parser)
+    argv: list[str] = []
+    for key, value in values.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (keys are the flags of `kclip train`)")
+        flag = "--" + dest.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if dest in switches:
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def parse_train_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
