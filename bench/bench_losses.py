@@ -6,7 +6,9 @@ Providers (baselines are imported, never re-written):
   soft-label cross-entropy: kclip (Triton) against reference (eager PyTorch).
 Modes: forward, backward (the backward alone, the forward's graph retained), full (forward + backward).
 Each row: median / p20 / p80 time in ms and peak memory beyond the inputs (MiB). Contrastive rows also carry the
-floor, 4 GEMM-equivalents of 2·B²·D FLOPs at the bf16 matmul rate measured here, and time over floor.
+floor, 4 GEMM-equivalents of 2·B²·D FLOPs (the minimal algorithm: 1 forward, 3 backward) at the bf16 matmul rate
+measured here, and time over floor; kclip's rows also carry the GEMM-equivalents its kernels do
+(kernels.contrastive_distill.gemm_equivalents, 10 at D = 768 with the backward's BLOCK_DO = 256).
 
     python bench/bench_losses.py --device cuda --out results.json [--budget-s 100]
     python bench/bench_losses.py --smoke          # a CPU check under the Triton interpreter, tiny shapes
@@ -134,6 +136,15 @@ def _measure(torch, kind, make_inputs, loss_fn, mode, smoke):
     return timing, mem
 
 
+def _kclip_gemms(d: int) -> dict[str, int]:
+    """GEMM-equivalents of kclip's kernels per mode, with the backward's BLOCK_DO as autotuned (256 if not yet)."""
+    from kclip.kernels import contrastive_distill as cd
+
+    best = getattr(cd._contrastive_distill_bwd_kernel, "best_config", None)
+    work = cd.gemm_equivalents(d, best.kwargs["BLOCK_DO"] if best is not None else 256)
+    return {"forward": work["forward"], "backward": work["backward"], "full": work["total"]}
+
+
 def _fits(torch, kind, provider, b, d):
     """Why a provider cannot run a shape here (the B×B logits of the eager providers), or ""."""
     if kind != "cuda" or provider in ("kclip", "inf-cl"):
@@ -212,6 +223,8 @@ def main(argv=None) -> int:
                 }  # fmt: skip
                 if floor_ms is not None and mode == "full":
                     row |= {"floor_ms": floor_ms, "over_floor": timing["median"] / floor_ms}
+                if name == "kclip":
+                    row["gemm_equivalents"] = _kclip_gemms(d)[mode]
                 rows.append(row)
 
     for b, k in soft_shapes:

@@ -11,11 +11,17 @@ Two forms:
 
 * single process (``image_all``/``text_all`` None): rows and columns are the same batch. Row i of the image
   direction and column i of the text direction share their logits, so one backward pass per direction uses
-  both the row and the column softmax of each tile (4 GEMM-equivalents in the backward, 2 in the forward).
+  both the row and the column softmax of each tile.
 * ``local_loss`` (open_clip ``ClipLoss(local_loss=True, gather_with_grad=True)``): local rows [b, D] against
   gathered columns [N, D] with the positives at ``offset + i``. The backward has a row pass (gradients of the
   local features) and a column pass (gradients of the gathered features, which the all-gather's backward
   sums over ranks).
+
+Work, in GEMM-equivalents (one rows x columns x D product; ``gemm_equivalents``): the forward computes the logits
+once per direction (2); each backward program owns a BLOCK_DO-wide slice of the feature dimension and
+recomputes the whole logit tile for it, so the backward does 2 (ceil(D / BLOCK_DO) + 1): at D = 768 with
+BLOCK_DO = 256, 8 in the backward and 10 in all, against 4 for the minimal algorithm (1 forward, 3 backward),
+which bench/bench_losses.py takes as the floor.
 
 Reductions: every program writes its own partial (rows, splits of the inner dimension, slices of the feature
 dimension) and the host sums them in a fixed order; the only atomics are the optional split-inner accumulation
@@ -394,13 +400,24 @@ def _dot_options(dtype: torch.dtype) -> tuple[bool, str]:
     return (INTERPRET and dtype == torch.bfloat16), "tf32x3"
 
 
-def _num_splits(n_outer: int, n_inner: int, width: int, device: torch.device) -> int:
-    """How many programs share one row block's inner range: enough programs to fill the GPU twice over."""
+def _num_splits(programs: int, n_inner: int, device: torch.device) -> int:
+    """How many programs share one row block's inner range, for a launch of `programs` programs per split: enough
+    to fill the GPU twice over (each launch counts its own grid: the forward's is rows x 2 directions, the
+    backward's rows x 2 directions x feature slices)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = triton.cdiv(n_outer, 64) * 2 * triton.cdiv(width, 256)
     return max(1, min(MAX_SPLITS, (2 * sms) // max(programs, 1), triton.cdiv(n_inner, 512)))
+
+
+def gemm_equivalents(width: int, block_do: int = 256) -> dict[str, int]:
+    """The kernels' work in GEMM-equivalents (one rows x columns x D product each): the forward computes the
+    logits once per direction (2); the backward recomputes the whole logit tile in each of its ceil(D / BLOCK_DO)
+    feature-slice programs and forms the gradient slice by slice, per direction: 2 (ceil(D / BLOCK_DO) + 1).
+    At D = 768 and BLOCK_DO = 256: 2 + 8 = 10, where the minimal algorithm (both directions' log-sum-exps from
+    one tile, one recomputation in the backward) does 1 + 3."""
+    backward = 2 * (triton.cdiv(width, block_do) + 1)
+    return {"forward": 2, "backward": backward, "total": 2 + backward, "minimal": 4}
 
 
 def _split_range(n_inner: int, splits: int) -> tuple[int, int]:
@@ -435,7 +452,7 @@ def contrastive_distill_forward(
     if has_distill:
         projected, teacher = _rowmajor(projected), _rowmajor(teacher)
     splits, cols_per_split = 1, n_cols
-    wanted = _num_splits(b, n_cols, width, image.device)
+    wanted = _num_splits(triton.cdiv(b, 128) * 2, n_cols, image.device)  # BLOCK_M 128: most forward configs
     if wanted > 1:
         cols_per_split, splits = _split_range(n_cols, wanted)
     lse_part = torch.empty((2, splits, b), device=image.device, dtype=torch.float32)
@@ -478,7 +495,7 @@ def _launch_bwd(
     n_inner = y0.shape[0]
     device, dtype = x0.device, x0.dtype
     splits, per_split = 1, n_inner
-    wanted = _num_splits(n_outer, n_inner, width, device)
+    wanted = _num_splits(triton.cdiv(n_outer, 64) * 2 * triton.cdiv(width, 256), n_inner, device)
     if wanted > 1:
         per_split, splits = _split_range(n_inner, wanted)
     if splits == 1:

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kclip.losses import contrastive_distill_loss, reference, soft_label_cross_entropy
@@ -127,7 +128,7 @@ def test_split_inner_range_deterministic_and_atomic(monkeypatch):
     """Several programs per row block (the large-GPU path), with per-split buffers and with atomics."""
     import kclip.kernels.contrastive_distill as cd
 
-    monkeypatch.setattr(cd, "_num_splits", lambda n_outer, n_inner, width, device: 3)
+    monkeypatch.setattr(cd, "_num_splits", lambda programs, n_inner, device: 3)
     inputs = _contrastive_case(300, 64, torch.float32, 30.0, seed=11)
     want = _reference64(inputs)
     first = _run(inputs, "triton", deterministic=True)
@@ -137,6 +138,23 @@ def test_split_inner_range_deterministic_and_atomic(monkeypatch):
         assert torch.equal(f, a), "deterministic mode is not bitwise reproducible"
         for got in (f, t):
             assert _max_err(got, w) <= 2e-5 * (1 + w.abs().max().item())
+
+
+def test_work_count_and_split_counts_per_launch(monkeypatch):
+    """The kernels' GEMM-equivalents as the docstring counts them, and a local-loss forward (2k rows against 32k
+    gathered columns) that fills a 132-SM GPU: its split count comes from its own grid, not the backward's."""
+    import types
+
+    import kclip.kernels.contrastive_distill as cd
+
+    assert cd.gemm_equivalents(768) == {"forward": 2, "backward": 8, "total": 10, "minimal": 4}
+    assert cd.gemm_equivalents(512, 128)["total"] == 12
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))  # fmt: skip
+    fwd_programs = triton.cdiv(2048, 128) * 2
+    splits = cd._num_splits(fwd_programs, 32768, torch.device("cuda"))
+    assert fwd_programs * splits >= 132 and splits <= cd.MAX_SPLITS
+    assert cd._num_splits(fwd_programs, 32768, torch.device("cpu")) == 1
 
 
 def test_launchers_allocate_nothing_of_b_squared():
