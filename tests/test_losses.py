@@ -140,6 +140,34 @@ def test_split_inner_range_deterministic_and_atomic(monkeypatch):
             assert _max_err(got, w) <= 2e-5 * (1 + w.abs().max().item())
 
 
+def _local_loss_in_one_process(world, b, d, dtype, scale, device):
+    """The local-loss form driven in one process: each of `world` emulated ranks runs the kernel on its rows
+    against the whole batch as the gathered features, at offset rank·b; the sum of the rank losses backpropagates
+    into the full-batch leaves as the all-gather's backward would (summed over ranks). Returns (mean rank loss,
+    gradients) and the float64 reference of one process holding the batch, its gradients times `world`."""
+    from kclip.kernels.contrastive_distill import contrastive_distill
+
+    image, text, logit_scale, _, _ = _contrastive_case(world * b, d, dtype, scale, seed=world + b, device=device)
+    leaves = [t.detach().clone().requires_grad_() for t in (image, text, logit_scale)]
+    total = 0.0
+    for r in range(world):
+        rows = slice(r * b, (r + 1) * b)
+        loss, _ = contrastive_distill(leaves[0][rows], leaves[1][rows], leaves[2], image_all=leaves[0],
+                                      text_all=leaves[1], offset=r * b)  # fmt: skip
+        total = total + loss
+    got = [total.detach() / world, *torch.autograd.grad(total, leaves)]
+    ref = [t.detach().double().requires_grad_() for t in (image, text, logit_scale)]
+    single = reference.contrastive_distill_loss(*ref)["contrastive_loss"]
+    want = [single.detach(), *torch.autograd.grad(world * single, ref)]
+    return got, want
+
+
+def test_local_loss_form_in_one_process_under_the_interpreter():
+    got, want = _local_loss_in_one_process(3, 7, 32, torch.float32, 20.0, DEVICE)
+    for g, w in zip(got, want, strict=True):
+        assert _max_err(g, w) <= 1e-5 * (1 + w.abs().max().item())
+
+
 def test_work_count_and_split_counts_per_launch(monkeypatch):
     """The kernels' GEMM-equivalents as the docstring counts them, and a local-loss forward (2k rows against 32k
     gathered columns) that fills a 132-SM GPU: its split count comes from its own grid, not the backward's."""
@@ -411,6 +439,37 @@ def test_gpu_fp32_and_large_batch():
     got, want = _run(inputs, "triton"), _reference64(inputs)
     for g, w in zip(got, want, strict=True):
         assert _max_err(g, w) <= 1e-4 * (1 + w.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_local_loss_form_in_one_process(dtype):
+    got, want = _local_loss_in_one_process(4, 2048, 768, dtype, 100.0, "cuda")
+    tol = 1e-4 if dtype == torch.float32 else 8 * EPS[dtype]
+    for g, w in zip(got, want, strict=True):
+        assert _max_err(g, w) <= tol * (1 + w.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_is_bitwise_reproducible_with_splits():
+    """At B = 8192 the backward splits its inner range over several programs on an H100 / H200: the deterministic
+    mode sums the per-split buffers in order, so two runs agree to the bit."""
+    import kclip.kernels.contrastive_distill as cd
+
+    inputs = _contrastive_case(8192, 768, torch.bfloat16, 100.0, e=1024, device="cuda")
+    assert cd._num_splits(triton.cdiv(8192, 64) * 2 * 3, 8192, torch.device("cuda")) > 1
+    first, again = _run(inputs, "triton", deterministic=True), _run(inputs, "triton", deterministic=True)
+    assert all(torch.equal(f, a) for f, a in zip(first, again, strict=True))
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_at_a_batch_where_probabilities_are_subnormal():
+    """B = 16384: probabilities near 1/B lie below fp16's normal range; the kernels keep them in fp32."""
+    inputs = _contrastive_case(16384, 512, torch.float16, 100.0, e=64, device="cuda")
+    got, want, torch_fp16 = _run(inputs, "triton"), _reference64(inputs), _run(inputs, "reference")
+    for g, w, t in zip(got, want, torch_fp16, strict=True):
+        assert torch.isfinite(g).all()
+        assert _max_err(g, w) <= 2 * _max_err(t, w) + 4 * EPS[torch.float16] * (1 + w.abs().max().item())
 
 
 @pytest.mark.gpu
