@@ -125,7 +125,7 @@ def compile_case(case_id: str, name: str, index: int, arch: int) -> dict:
     config = configs[index]
     constexprs = dict(constexprs) | dict(config.kwargs)
     signature = dict(signature) | {key: "constexpr" for key in constexprs}
-    result = {"id": case_id, "config": str(config)}
+    result = {"id": case_id, "config": str(config), "warps": config.num_warps, "stages": config.num_stages}
     jit = _jit(kernel)
     # Triton specialises pointers and integers divisible by 16 at launch; declare the ones every real launch has
     # (aligned tensors; for the contrastive kernels, widths and row strides that are multiples of 16, as CLIP's).
@@ -169,5 +169,20 @@ def test_config_fits_device(report, case_id, arch):
     assert r["spills"] == 0, f"{r['spills']} bytes of register spills ({r['regs']} registers)"
 
 
+def test_every_configuration_is_recorded_with_its_statistics(report):
+    """Registers, spills, shared memory and pipeline stages of every configuration, for every target (the report
+    that `python tests/test_kernels_compile.py --out FILE` writes; bench/results/kernel_compile.json holds one)."""
+    assert set(report) == {c[0] for c in CASE_IDS}
+    for r in report.values():
+        assert {"regs", "spills", "shared", "stages", "warps"} <= set(r), r
+    backward = [r for k, r in report.items() if k.startswith("cd_bwd")]
+    assert all(r["stages"] >= 2 for r in backward), "a backward configuration without load pipelining"
+
+
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    results = compile_all()
+    if "--out" in sys.argv:
+        out = Path(sys.argv[sys.argv.index("--out") + 1])
+        out.write_text(json.dumps({"targets": [f"sm_{a}" for a in ARCHS], "triton": triton.__version__,
+                                   "configurations": results}, indent=1) + "\n")  # fmt: skip
+    print(json.dumps(results))
