@@ -5,9 +5,11 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kmeans_common.h"
@@ -111,6 +113,7 @@ constexpr uint8_t kDLInt = 0, kDLFloat = 2, kDLBfloat = 4;
 
 struct DeviceArray {
   void* ptr = nullptr;
+  int device = -1;    // the CUDA device ordinal (-1: unknown, e.g. an empty array)
   std::string dtype;  // "float32", "float16", "bfloat16", "int64"
   std::vector<int64_t> shape;
   py::object keepalive;  // the DLPack capsule, alive for the call
@@ -147,6 +150,9 @@ std::string dlpack_dtype(DLDataType t) {
   if (cai && py::isinstance<py::dict>(cai)) {
     py::dict d = cai;
     a.ptr = reinterpret_cast<void*>(d["data"].cast<py::tuple>()[0].cast<std::uintptr_t>());
+#if defined(KCLIP_WITH_CUDA)
+    a.device = kclip::cuda::pointer_device(a.ptr);  // the interface names no device: ask the runtime
+#endif
     a.dtype = typestr_dtype(d["typestr"].cast<std::string>());
     for (auto s : d["shape"].cast<py::tuple>()) a.shape.push_back(s.cast<int64_t>());
     if (d.contains("strides") && !d["strides"].is_none()) {
@@ -170,6 +176,7 @@ std::string dlpack_dtype(DLDataType t) {
       fail(name, "must be a CUDA array (DLPack device type " + std::to_string(t.device.device_type) + ")");
     }
     a.ptr = static_cast<char*>(t.data) + t.byte_offset;
+    a.device = t.device.device_id;
     a.dtype = dlpack_dtype(t.dtype);
     a.shape.assign(t.shape, t.shape + t.ndim);
     if (t.strides != nullptr) {
@@ -202,6 +209,20 @@ kclip::cuda::DType float_dtype(const DeviceArray& a, const char* name) {
   if (a.dtype == "float16") return kclip::cuda::DType::f16;
   if (a.dtype == "bfloat16") return kclip::cuda::DType::bf16;
   fail(name, "expected dtype float32, float16 or bfloat16, got " + a.dtype);
+}
+#endif
+
+#if defined(KCLIP_WITH_CUDA)
+// Every array of one call on the current device, where the kernels launch: an array on another device would be
+// read through a foreign pointer. The error names the array, its device and the current one.
+void expect_one_device(std::initializer_list<std::pair<const char*, const DeviceArray*>> arrays) {
+  const int current = kclip::cuda::current_device();
+  for (const auto& [name, a] : arrays) {
+    if (a->device >= 0 && a->device != current) {
+      fail(name, "is on cuda:" + std::to_string(a->device) + ", but the kernels launch on the current device cuda:" +
+                     std::to_string(current) + "; every array of one call must be on it (torch.cuda.device(...))");
+    }
+  }
 }
 #endif
 
@@ -411,6 +432,8 @@ PYBIND11_MODULE(_C, m) {
 #if defined(KCLIP_WITH_CUDA)
         DevicePoints p = device_points(x, c, c_norm);
         DeviceArray la = device_array(labels, "labels"), da = device_array(dist, "dist");
+        expect_one_device({{"x", &p.x}, {"centroids", &p.c}, {"centroid_norms", &p.c_norm}, {"labels", &la},
+                           {"dist", &da}});
         expect_shape(la, "labels", {p.n});
         expect_dtype(la, "labels", "int64");
         expect_shape(da, "dist", {p.n});
@@ -431,6 +454,7 @@ PYBIND11_MODULE(_C, m) {
 #if defined(KCLIP_WITH_CUDA)
         DevicePoints p = device_points(x, c, c_norm);
         DeviceArray oa = device_array(out, "out");
+        expect_one_device({{"x", &p.x}, {"centroids", &p.c}, {"centroid_norms", &p.c_norm}, {"out", &oa}});
         expect_shape(oa, "out", {p.n, p.k});
         expect_dtype(oa, "out", "float32");
         kclip::cuda::distances(p.x.ptr, p.c.ptr, static_cast<const float*>(p.c_norm.ptr), float_dtype(p.x, "x"), p.n,
@@ -449,6 +473,7 @@ PYBIND11_MODULE(_C, m) {
 #if defined(KCLIP_WITH_CUDA)
         DeviceArray xa = device_array(x, "x"), la = device_array(labels, "labels");
         DeviceArray sa = device_array(sums, "sums"), ca = device_array(counts, "counts");
+        expect_one_device({{"x", &xa}, {"labels", &la}, {"sums", &sa}, {"counts", &ca}});
         require(xa.shape.size() == 2, "x", "must have rank 2, got shape " + shape_str(xa.shape));
         const int64_t n = xa.shape[0], d = xa.shape[1];
         require(sa.shape.size() == 2 && sa.shape[1] == d, "sums", "expected shape [k, " + std::to_string(d) +
@@ -482,6 +507,7 @@ PYBIND11_MODULE(_C, m) {
         const float inv_t = static_cast<float>(1.0 / temperature);
         if (top_k == 0) {
           DeviceArray oa = device_array(dense_out, "dense_out");
+          expect_one_device({{"dist", &da}, {"dense_out", &oa}});
           expect_shape(oa, "dense_out", {n, k});
           expect_dtype(oa, "dense_out", "float32");
           kclip::cuda::soft_assign(static_cast<const float*>(da.ptr), k, n, k, inv_t, 0, static_cast<float*>(oa.ptr),
@@ -490,6 +516,7 @@ PYBIND11_MODULE(_C, m) {
           require(top_k > 0 && top_k <= std::min<int64_t>(k, 64), "top_k",
                   "must be in [1, min(k, 64)] on the device, got " + std::to_string(top_k));
           DeviceArray ia = device_array(topk_idx, "topk_idx"), wa = device_array(topk_w, "topk_w");
+          expect_one_device({{"dist", &da}, {"topk_idx", &ia}, {"topk_w", &wa}});
           expect_shape(ia, "topk_idx", {n, top_k});
           expect_dtype(ia, "topk_idx", "int64");
           expect_shape(wa, "topk_w", {n, top_k});

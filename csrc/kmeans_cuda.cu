@@ -621,6 +621,25 @@ void dispatch_tiles(const void* x, const void* c, const float* c_norm, DType dt,
 
 }  // namespace
 
+int pointer_device(const void* p) {
+  if (p == nullptr) return -1;
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error of an unknown pointer
+    return -1;
+  }
+  return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ? attr.device : -1;
+}
+
+int current_device() {
+  int d = -1;
+  if (cudaGetDevice(&d) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return d;
+}
+
 DeviceStatus device_status() {
   DeviceStatus st;
   try {

@@ -19,6 +19,11 @@ struct DeviceStatus {
 };
 DeviceStatus device_status();
 
+// The device ordinal of the memory `p` points into (device or managed memory), -1 for host memory or a pointer
+// the runtime does not know; and the calling thread's current device (-1 when there is none). Never throw.
+int pointer_device(const void* p);
+int current_device();
+
 // Nearest centroid of every row of x.
 //   x [n, d] and c [k, d], both of dtype `dt`, row-major and contiguous; c_norm [k] fp32 holds ||c_j||^2
 //   computed from the values in c. Writes labels [n] int64 and dist [n] fp32 (squared distance, >= 0).

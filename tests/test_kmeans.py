@@ -394,6 +394,25 @@ def test_cuda_kernels_match_reference_on_odd_shapes(n, d, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "d", "k"), [(37, 3, 5), (1000, 13, 129), (4099, 77, 300), (2048, 4099, 64)])
+def test_cuda_tensor_core_path_with_d_not_a_multiple_of_8(dtype, n, d, k):
+    """The WMMA distance path (16-bit inputs) loads tiles 8 or 16 coordinates wide: a width that is not a multiple
+    of 8 must be padded, not read past the row."""
+    torch.manual_seed(n + d + k)
+    x = torch.randn(n, d, device="cuda").to(dtype)
+    c = torch.randn(k, d, device="cuda").to(dtype)
+    labels = torch.full((n,), -7, dtype=torch.int64, device="cuda")
+    dist = torch.full((n,), float("nan"), device="cuda")
+    c_norm = c.float().square().sum(1)
+    C.cuda_assign(x, c, c_norm, labels, dist, torch.cuda.current_stream().cuda_stream)
+    ref_labels, ref_dist = assign_reference(x.double(), c.double())
+    assert (labels >= 0).all() and torch.isfinite(dist).all()
+    assert (labels == ref_labels).float().mean() >= 0.99
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=2e-2, atol=2e-2 * d)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("top_k", [None, 1, 8, 100])
 def test_cuda_soft_assign_matches_reference(top_k):
     x = torch.from_numpy(blobs(3000, 32, 200, seed=3)).cuda()
@@ -405,6 +424,19 @@ def test_cuda_soft_assign_matches_reference(top_k):
     else:
         assert (ours[0] == ref[0]).float().mean() >= 0.99
         torch.testing.assert_close(ours[1].double(), ref[1], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_arrays_of_one_call_must_share_the_current_device():
+    x = torch.randn(100, 8, device="cuda:1")
+    c = torch.randn(4, 8, device="cuda:0")
+    labels = torch.empty(100, dtype=torch.int64, device="cuda:0")
+    dist = torch.empty(100, device="cuda:0")
+    with torch.cuda.device(0), pytest.raises(ValueError, match=r"x: is on cuda:1, but .* current device cuda:0"):
+        C.cuda_assign(x, c, c.square().sum(1), labels, dist, torch.cuda.current_stream().cuda_stream)
+    km = KMeans(4, n_iter=2, device="cuda:1").fit(x)  # the Python layer sets the device itself
+    assert km.backend == "cuda" and len(km.assign(x)) == 100
 
 
 @pytest.mark.gpu
