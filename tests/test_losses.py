@@ -87,6 +87,22 @@ def test_bf16_upcast_under_interpreter_within_twice_pytorch():
         assert _max_err(g, w) <= 2 * _max_err(t, w) + 4 * EPS[torch.bfloat16] * (1 + w.abs().max().item())
 
 
+@pytest.mark.parametrize("block", [1, 8, 37, 100])
+def test_chunked_cublas_peer_matches_the_reference(block):
+    """The benchmark's chunked peer is the same loss, value and every gradient, whatever its block size."""
+    inputs = [t.double() for t in _contrastive_case(37, 16, torch.float32, 7.0, e=8, seed=9, device="cpu")]
+
+    def run(fn, **kw):
+        leaves = [t.clone().requires_grad_(i != 4) for i, t in enumerate(inputs)]
+        out = fn(*leaves, **kw)
+        total = 0.7 * out["contrastive_loss"] + 1.3 * out["distill_loss"]
+        return [total.detach(), *torch.autograd.grad(total, leaves[:4])]
+
+    for g, w in zip(run(reference.chunked_contrastive_distill_loss, block=block),
+                    run(reference.contrastive_distill_loss), strict=True):  # fmt: skip
+        assert _max_err(g, w) <= 1e-12 * (1 + w.abs().max().item())
+
+
 def test_agrees_with_open_clip_clip_loss():
     open_clip_loss = pytest.importorskip("open_clip.loss")
     image, text, scale, _, _ = _contrastive_case(37, 64, torch.float32, 14.3, seed=3)

@@ -48,6 +48,46 @@ def contrastive_distill_loss(
     return out
 
 
+def chunked_contrastive_distill_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    projected_text: torch.Tensor | None = None,
+    teacher_features: torch.Tensor | None = None,
+    *,
+    block: int = 4096,
+) -> dict[str, torch.Tensor]:
+    """`contrastive_distill_loss` (single process) through row blocks of ``torch.matmul``: what one writes for a
+    large batch without a fused kernel, and the cuBLAS peer of kclip's in bench/bench_losses.py.
+
+    Each block's logits [block, B] are formed, reduced to their summed cross-entropy and freed; the backward
+    recomputes them (``torch.utils.checkpoint``), so peak memory is O(block · B) instead of O(B²), at the price of
+    one more pass of GEMMs.
+
+    Shapes: features [B, D]; projected_text, teacher_features [B, E] or None. Returns as `contrastive_distill_loss`.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    b = image_features.shape[0]
+
+    def block_ce(rows: torch.Tensor, cols: torch.Tensor, scale, start: int) -> torch.Tensor:
+        logits = scale * rows @ cols.T  # [block, B]
+        labels = torch.arange(start, start + rows.shape[0], device=rows.device)
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    total = image_features.new_zeros(())
+    for s in range(0, b, block):
+        e = min(b, s + block)
+        for rows, cols in ((image_features, text_features), (text_features, image_features)):
+            total = total + checkpoint(block_ce, rows[s:e], cols, logit_scale, s, use_reentrant=False)
+    out = {"contrastive_loss": total / (2 * b)}
+    if projected_text is not None and teacher_features is not None:
+        out["distill_loss"] = F.mse_loss(projected_text, teacher_features.to(projected_text.dtype))
+    return out
+
+
 def soft_label_cross_entropy(
     logits: torch.Tensor, soft_targets: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
