@@ -4,10 +4,11 @@ Providers (all fit the same points from the same initial centroids, with tol=0 a
   CPU run:  kclip (kclip._C on the CPU), reference (kclip's pure-PyTorch reference), sklearn (Lloyd), faiss (faiss-cpu)
   CUDA run: kclip (kclip._C's CUDA kernels), torch-chunked, faiss-gpu (where importable)
 
-torch-chunked is the chunked PyTorch baseline (matmul + argmin + index_add over row chunks): it *is* kclip's
-reference, `KMeans(device="reference")` fed CUDA tensors, whose steps are `kclip.cluster.reference.assign_reference`
-and `accumulate_reference`. Baselines are imported, never re-written here. The reference computes in float32
-whatever the input dtype, so its bfloat16 rows show a float32 computation on bfloat16 points (see compute_dtype).
+torch-chunked is the chunked PyTorch baseline (matmul + argmin + index_add over row chunks): kclip's reference
+steps (`kclip.cluster.reference.ReferenceOps(native=True)`, driven by kclip's own Lloyd loop) on CUDA tensors,
+computing the distances' product in the input dtype (bfloat16 matmuls for bfloat16 points), as such a k-means on
+16-bit data does; the `reference` row of the CPU run up-casts to float32. Baselines are imported, never
+re-written here.
 
 What is timed:
   - seconds_per_iter: a provider's own time for its whole fit from the given centroids divided by the number of
@@ -157,6 +158,17 @@ def _kmeans_fit(device: str) -> Callable[[Any, np.ndarray, int], Fit]:
     return fit
 
 
+def _torch_chunked_fit(x: Any, c0: np.ndarray, n_iter: int) -> Fit:
+    """kclip's Lloyd loop over the reference steps in the points' own dtype (module docstring)."""
+    from kclip.cluster.kmeans import lloyd
+    from kclip.cluster.reference import ReferenceOps
+
+    ops = ReferenceOps(x.device if isinstance(x, torch.Tensor) else "cpu", native=True)
+    points = ops.prepare(x)
+    _, objective, stats = lloyd(ops, lambda: [points], torch.from_numpy(c0), n_iter=n_iter, tol=0.0, spherical=False)
+    return Fit(float(objective), len(stats) - 1, sum(s.seconds for s in stats), "reference")
+
+
 def _faiss_fit(gpu: bool) -> Callable[[Any, np.ndarray, int], Fit]:
     import faiss
 
@@ -201,9 +213,11 @@ def setup_provider(name: str, kind: str) -> Provider:
         return Provider(
             name, _kmeans_fit(kind), _omp_threads(), (lambda dtype: dtype) if kind == "cuda" else f32, lambda d: ""
         )
-    if name in ("reference", "torch-chunked"):
-        # KMeans(device="reference") follows the data: CPU tensors on the CPU run, CUDA tensors on the CUDA run.
+    if name == "reference":
+        # KMeans(device="reference") follows the data: CPU tensors on the CPU run.
         return Provider(name, _kmeans_fit("reference"), torch.get_num_threads() if kind == "cpu" else None, f32)
+    if name == "torch-chunked":
+        return Provider(name, _torch_chunked_fit, None, lambda dtype: dtype)
     if name == "sklearn":
         try:
             import sklearn.cluster  # noqa: F401

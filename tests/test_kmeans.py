@@ -354,6 +354,20 @@ def test_reference_ops_fit_matches_lloyd_by_hand():
 # ---- GPU ------------------------------------------------------------------------------------------------------
 
 
+def test_reference_native_mode_computes_in_the_input_dtype():
+    """The chunked PyTorch peer of the benchmark: bfloat16 points stay bfloat16 and so does the product, so its
+    distances differ from the float32 ones by bfloat16 rounding; on well separated blobs the assignments agree."""
+    from kclip.cluster.reference import ReferenceOps
+
+    x, truth = separated_blobs(2000, 32, 10, device="cpu", dtype=torch.bfloat16, seed=5)
+    c = x[:10].float()  # one point of each blob
+    native, upcast = ReferenceOps("cpu", native=True), ReferenceOps("cpu")
+    assert native.prepare(x).dtype == torch.bfloat16 and upcast.prepare(x).dtype == torch.float32
+    (l_n, d_n), (l_u, d_u) = native.assign(native.prepare(x), c), upcast.assign(upcast.prepare(x), c)
+    assert d_n.dtype == torch.float32 and not torch.equal(d_n, d_u)
+    assert torch.equal(l_n, truth) and torch.equal(l_u, truth)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu(dtype):

@@ -18,19 +18,32 @@ def _row_chunks(n: int, k: int):
         yield start, min(n, start + step)
 
 
-def sq_distances_reference(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def sq_distances_reference(x: torch.Tensor, centroids: torch.Tensor, native: bool = False) -> torch.Tensor:
     """Squared distances of rows to centroids, float32 (float64 when x is float64).
+
+    Args:
+        native: compute the product x·cᵀ in x's own dtype (bfloat16 / float16 matmuls, as a chunked PyTorch
+            k-means on 16-bit data does) and combine it with the norms in float32; default: up-cast first.
 
     Shapes: x [n, d], centroids [k, d] -> [n, k].
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if native and x.dtype in (torch.float16, torch.bfloat16):
+        c = centroids.to(x.dtype)
+        dots = (x @ c.T).to(dtype)  # [n, k]: the product in x's dtype (tensor cores), its result up-cast
+        x32, c32 = x.to(dtype), c.to(dtype)
+        d = (x32 * x32).sum(1, keepdim=True) - 2.0 * dots + (c32 * c32).sum(1)[None, :]
+        return d.clamp_min_(0.0)
     x, c = x.to(dtype), centroids.to(dtype)
     d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]  # [n, k]
     return d.clamp_min_(0.0)
 
 
-def assign_reference(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of every row (ties to the lower index), in chunks of rows.
+def assign_reference(
+    x: torch.Tensor, centroids: torch.Tensor, native: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every row (ties to the lower index), in chunks of rows (`native`: as in
+    `sq_distances_reference`).
 
     Shapes: x [n, d], centroids [k, d] -> labels int64 [n], squared distances [n].
     """
@@ -38,7 +51,7 @@ def assign_reference(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Te
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     for s, e in _row_chunks(n, k):
-        dist[s:e], labels[s:e] = sq_distances_reference(x[s:e], centroids).min(dim=1)
+        dist[s:e], labels[s:e] = sq_distances_reference(x[s:e], centroids, native).min(dim=1)
     return labels, dist
 
 
@@ -76,19 +89,28 @@ def soft_assign_reference(
 
 
 class ReferenceOps:
-    """The k-means steps in PyTorch, on whatever device the data is on (the fallback and the test oracle)."""
+    """The k-means steps in PyTorch, on whatever device the data is on (the fallback and the test oracle).
+
+    Args:
+        device: where the steps run.
+        native: keep 16-bit points in their dtype and compute the distances' product in it (the chunked PyTorch
+            peer of bench/bench_kmeans.py); default: points up-cast to float32.
+    """
 
     name = "reference"
 
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", native: bool = False):
         self.device = torch.device(device)
+        self.native = native
 
     def prepare(self, rows) -> torch.Tensor:
         t = torch.as_tensor(rows, device=self.device)
-        return t if t.dtype == torch.float64 else t.to(torch.float32)
+        if t.dtype == torch.float64 or (self.native and t.dtype in (torch.float16, torch.bfloat16)):
+            return t
+        return t.to(torch.float32)
 
     def assign(self, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return assign_reference(x, centroids.to(self.device))
+        return assign_reference(x, centroids.to(self.device), self.native)
 
     def accumulate(self, x: torch.Tensor, labels: torch.Tensor, k: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         sums, counts = accumulate_reference(x, labels, k)
