@@ -22,7 +22,9 @@
 # does not hide the benchmark numbers.
 #
 # Packages the image lacks travel as wheels in .whl/ at the repository root (git-ignored: name ".whl" in the run
-# tool's carry list; 64 MiB in all) and are installed to /tmp/site, put first on PYTHONPATH. What later issues need:
+# tool's carry list; 64 MiB in all) and are installed to /tmp/site, put first on PYTHONPATH. `bash
+# bench/fetch_wheels.sh` fills .whl/ here first (pytest and Pillow for the gpu tests, open_clip and its tokenizer
+# for the training and evaluation benchmarks; ~16 MiB). What later issues need beyond it:
 #   open_clip_torch with ftfy, wcwidth, regex (tokenizer and models; check timm, huggingface_hub, safetensors),
 #   webdataset with braceexpand (the shard loader), scikit-learn with joblib, threadpoolctl and scipy (only for the
 #   sklearn rows; scipy alone is ~35 MiB of the carry), gguf (the GGUF teacher), faiss-gpu if a wheel for the image's
