@@ -7,49 +7,9 @@ import argparse
 from kclip.eval.errors import EvalError
 
 
-def _list(text: str) -> tuple[str, ...]:
-    return tuple(x for x in (p.strip() for p in text.split(",")) if x)
-
-
-def _attribute_data(text: str) -> tuple[tuple[str, str], ...]:
-    out = []
-    for item in _list(text):
-        name, sep, folder = item.partition(":")
-        if not sep or not folder:
-            raise EvalError(f"--attribute-data {item}: expected NAME:FOLDER, e.g. awa2:/data/AwA2")
-        out.append((name.lower(), folder))
-    return tuple(out)
-
-
-def settings_from_args(args: argparse.Namespace):
-    """EvalSettings from the parsed flags."""
-    from kclip.eval.names import TASKS
-    from kclip.eval.runner import EvalSettings
-    from kclip.eval.text_em import EMConfig
-
-    tasks = tuple(args.task) or (_list(args.tasks) if args.tasks else TASKS)
-    em = EMConfig(autoencoder_steps=args.autoencoder_steps, adapter_steps=args.adapter_steps,
-                  max_train=args.max_train_captions, max_eval=args.max_eval_captions)  # fmt: skip
-    return EvalSettings(
-        tasks=tasks,
-        splits=_list(args.splits),
-        train_split=args.train_split,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        seeds=args.seeds,
-        teacher_store=args.teacher_store,
-        tokenizer=args.tokenizer,
-        attribute_data=_attribute_data(args.attribute_data) if args.attribute_data else (),
-        probe_max_train=args.probe_max_train,
-        em=em,
-        progress=not args.no_progress,
-    )
-
-
 def _eval(args: argparse.Namespace) -> int:
     from kclip.eval.report import HEADLINE
-    from kclip.eval.runner import evaluate
+    from kclip.eval.runner import evaluate, settings_from_args
 
     if args.seeds < 1:
         raise EvalError(f"--seeds {args.seeds}: must be at least 1")

@@ -123,8 +123,11 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bar_chart(summary: dict[str, Any], path: Path) -> bool:
-    """The headline metrics as grouped bars, one panel per (metric, dataset); False where matplotlib is missing."""
+def draw_bars(panels: list[tuple[str, dict[str, tuple[float, float | None]]]], order: list[str], path: Path,
+              labels: dict[str, str] | None = None) -> bool:  # fmt: skip
+    """Grouped bars, one panel per (title, {row: (value, spread or None)}), values in [0, 1] drawn as percent with
+    the spread as an error bar; a row keeps its colour (its place in `order`) in every panel. False where
+    matplotlib is missing or there is nothing to draw."""
     try:
         import matplotlib
 
@@ -133,36 +136,44 @@ def bar_chart(summary: dict[str, Any], path: Path) -> bool:
     except ImportError:
         log.warning("matplotlib does not import: no %s", path.name)
         return False
-    records = summary["records"]
-    panels = []
-    for task, metric, label in HEADLINE:
-        for d in dict.fromkeys(r["dataset"] for r in records if r["task"] == task):
-            vals = {r["model"]: r["metrics"][metric] for r in records
-                    if r["task"] == task and r["dataset"] == d and metric in r["metrics"]}  # fmt: skip
-            if vals:
-                panels.append((f"{label}\n{d}", vals))
     if not panels:
         return False
-    models = _models(records)
+    labels = labels or {}
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     colours = plt.get_cmap("tab10").colors
     for ax, (title, vals) in zip(axes.flat, panels, strict=False):
-        xs = [m for m in models if m in vals]
-        bars = ax.bar(range(len(xs)), [100 * vals[m] for m in xs], color=[colours[models.index(m) % 10] for m in xs])
+        xs = [m for m in order if m in vals]
+        errs = [100 * (vals[m][1] or 0.0) for m in xs]
+        bars = ax.bar(range(len(xs)), [100 * vals[m][0] for m in xs], yerr=errs if any(errs) else None, capsize=3,
+                      color=[colours[order.index(m) % 10] for m in xs])  # fmt: skip
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(range(len(xs)), [labels.get(m, m) for m in xs], rotation=30, ha="right", fontsize=7)
         ax.set_title(title, fontsize=8)
         ax.set_ylim(0, 105)
         ax.set_ylabel("%", fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return True
+
+
+def bar_chart(summary: dict[str, Any], path: Path) -> bool:
+    """The headline metrics as grouped bars, one panel per (metric, dataset); False where matplotlib is missing."""
+    records = summary["records"]
+    panels = []
+    for task, metric, label in HEADLINE:
+        for d in dict.fromkeys(r["dataset"] for r in records if r["task"] == task):
+            vals = {r["model"]: (r["metrics"][metric], None) for r in records
+                    if r["task"] == task and r["dataset"] == d and metric in r["metrics"]}  # fmt: skip
+            if vals:
+                panels.append((f"{label}\n{d}", vals))
+    return draw_bars(panels, _models(records), path)
 
 
 def write_reports(summary: dict[str, Any], out: Path) -> dict[str, Any]:

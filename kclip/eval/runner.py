@@ -402,6 +402,46 @@ class Evaluation:
         }
 
 
+def parse_list(text: str) -> tuple[str, ...]:
+    """ "a, b,,c" -> ("a", "b", "c")."""
+    return tuple(x for x in (p.strip() for p in text.split(",")) if x)
+
+
+def parse_attribute_data(text: str) -> tuple[tuple[str, str], ...]:
+    """ "awa2:/data/AwA2,cub:/data/CUB" -> (("awa2", "/data/AwA2"), ("cub", "/data/CUB")); EvalError names a bad
+    item."""
+    out = []
+    for item in parse_list(text):
+        name, sep, folder = item.partition(":")
+        if not sep or not folder:
+            raise EvalError(f"--attribute-data {item}: expected NAME:FOLDER, e.g. awa2:/data/AwA2")
+        out.append((name.lower(), folder))
+    return tuple(out)
+
+
+def settings_from_args(args: Any) -> EvalSettings:
+    """EvalSettings from `kclip eval`'s parsed flags (or any object with those attributes: `kclip run` passes
+    its config's eval section)."""
+    tasks = tuple(args.task) or (parse_list(args.tasks) if args.tasks else TASKS)
+    em = EMConfig(autoencoder_steps=args.autoencoder_steps, adapter_steps=args.adapter_steps,
+                  max_train=args.max_train_captions, max_eval=args.max_eval_captions)  # fmt: skip
+    return EvalSettings(
+        tasks=tasks,
+        splits=parse_list(args.splits),
+        train_split=args.train_split,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        seeds=args.seeds,
+        teacher_store=args.teacher_store,
+        tokenizer=args.tokenizer,
+        attribute_data=parse_attribute_data(args.attribute_data) if args.attribute_data else (),
+        probe_max_train=args.probe_max_train,
+        em=em,
+        progress=not args.no_progress,
+    )
+
+
 def evaluate(checkpoints: list[str], data: str | None, out: str | os.PathLike, settings: EvalSettings) -> dict:
     """Run `kclip eval` and write its outputs under `out` (kclip.eval.report). Returns the summary."""
     from kclip.eval.report import write_reports

@@ -253,10 +253,9 @@ class Run:
         self.state.finish(key, fp, time.perf_counter() - t0, **info)
         self.ran[key] = True
 
-    def _stage_line(self, stage: str, keys: list[str]) -> None:
-        secs = sum(self.state.seconds(k) or 0.0 for k in keys)
+    def _stage_line(self, stage: str) -> None:
+        secs, ran = self.stage_seconds(stage) or 0.0, self.stage_ran(stage)
         budget = self.cfg["budget"].get(stage)
-        ran = any(self.ran.get(k) for k in keys)
         text = f"[{stage}] {'done in' if ran else 'skipped, done earlier in'} {fmt_seconds(secs)}"
         if budget:
             text += f" (budget {fmt_seconds(budget)}{', OVER BUDGET' if ran and secs > budget else ''})"
@@ -414,20 +413,15 @@ class Run:
         return True
 
     def settings(self):
-        from kclip.eval.runner import EvalSettings
-        from kclip.eval.text_em import EMConfig
+        """kclip eval's settings from the config's eval section (its keys are `kclip eval`'s flags)."""
+        from types import SimpleNamespace
 
-        e = self.cfg["eval"]
-        tasks = tuple(x for x in (e.get("tasks") or "").split(",") if x)
-        items = filter(None, (e.get("attribute_data") or "").split(","))
-        attribute_data = tuple((name.lower(), folder) for name, _, folder in (i.partition(":") for i in items))
-        em = EMConfig(autoencoder_steps=e["autoencoder_steps"], adapter_steps=e["adapter_steps"],
-                      max_train=e["max_train_captions"], max_eval=e["max_eval_captions"])  # fmt: skip
-        kw = {"tasks": tasks} if tasks else {}
-        return EvalSettings(splits=tuple(self.eval_splits), batch_size=e["batch_size"], workers=e["workers"],
-                            device=self.device, seeds=e["seeds"], teacher_store=str(self.root / "teacher"),
-                            tokenizer=e.get("tokenizer"), attribute_data=attribute_data,
-                            probe_max_train=e["probe_max_train"], em=em, progress=self.progress, **kw)  # fmt: skip
+        from kclip.eval.runner import settings_from_args
+
+        flags = {**self.cfg["eval"], "splits": ",".join(self.eval_splits), "task": (), "train_split": "train",
+                 "device": self.device, "teacher_store": str(self.root / "teacher"),
+                 "no_progress": not self.progress}  # fmt: skip
+        return settings_from_args(SimpleNamespace(**flags))
 
     def eval(self) -> None:
         from kclip.eval.runner import evaluate
@@ -455,6 +449,15 @@ class Run:
             return [f"train/{m.label}" for m in self.models]
         return [stage]
 
+    def stage_seconds(self, stage: str) -> float | None:
+        """The recorded seconds of a stage's steps, summed (whichever call ran them); None where none is recorded."""
+        secs = [t for t in (self.state.seconds(k) for k in self.stage_keys(stage)) if t is not None]
+        return sum(secs) if secs else None
+
+    def stage_ran(self, stage: str) -> bool:
+        """Whether this call ran any of the stage's steps (rather than skipping them as done)."""
+        return any(self.ran.get(k) for k in self.stage_keys(stage))
+
     def run(self) -> dict[str, Any]:
         """Every stage in order; returns {"report", "stopped", "seconds": {stage: s}, "ran": {stage: bool}}."""
         self.preflight()
@@ -471,9 +474,9 @@ class Run:
                 report = self.report()
             else:
                 getattr(self, stage)()
-            self._stage_line(stage, self.stage_keys(stage))
-        seconds = {s: sum(self.state.seconds(k) or 0.0 for k in self.stage_keys(s)) for s in STAGES}
-        ran = {s: any(self.ran.get(k) for k in self.stage_keys(s)) for s in STAGES}
+            self._stage_line(stage)
+        seconds = {s: self.stage_seconds(s) or 0.0 for s in STAGES}
+        ran = {s: self.stage_ran(s) for s in STAGES}
         return {"report": report, "stopped": report is None, "seconds": seconds, "ran": ran,
                 "wall_seconds": time.perf_counter() - t0}  # fmt: skip
 

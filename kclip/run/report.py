@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kclip._atomic import atomic_path, atomic_write_text
-from kclip.eval.report import HEADLINE, md_table, pct
+from kclip.eval.report import HEADLINE, draw_bars, md_table, pct
 from kclip.run.config import STAGES
 from kclip.run.pipeline import VARIANT_TITLES, fmt_seconds
 
@@ -132,46 +132,22 @@ def loss_curves(curves: dict[str, list[dict]], variants: dict[str, str], path: P
 
 def metric_bars(agg: dict, rows: list[str], titles: dict[str, str], datasets: list[str], path: Path) -> bool:
     """The headline metrics, one panel per (metric, dataset), a bar per row with the spread over seeds."""
-    plt = _pyplot()
     panels = []
     for task, metric, label in HEADLINE:
         for d in datasets:
             vals = {r: mean_std(agg.get((r, task, d, metric))) for r in rows if (r, task, d, metric) in agg}
             if vals:
                 panels.append((f"{label}\n{d}", vals))
-    if not panels:
-        return False
-    cols = min(4, len(panels))
-    nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 2.9 * nrows), squeeze=False)
-    colours = plt.get_cmap("tab10").colors
-    for ax, (title, vals) in zip(axes.flat, panels, strict=False):
-        xs = list(vals)
-        means = [100 * vals[r][0] for r in xs]
-        errs = [100 * (vals[r][1] or 0.0) for r in xs]
-        bars = ax.bar(range(len(xs)), means, yerr=errs, capsize=3, color=[colours[rows.index(r) % 10] for r in xs])
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_xticks(range(len(xs)), [titles.get(r, r) for r in xs], rotation=30, ha="right", fontsize=7)
-        ax.set_title(title, fontsize=8)
-        ax.set_ylim(0, 105)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return True
+    return draw_bars(panels, rows, path, titles)
 
 
 def _stage_table(run: Run) -> list[str]:
     body = []
     for stage in STAGES:
-        keys = run.stage_keys(stage)
-        secs = [run.state.seconds(k) for k in keys]
-        total = sum(s for s in secs if s is not None) if any(s is not None for s in secs) else None
         if stage == "report":
             total, ran = None, True  # being written now
         else:
-            ran = any(run.ran.get(k) for k in keys)
+            total, ran = run.stage_seconds(stage), run.stage_ran(stage)
         budget = run.cfg["budget"].get(stage)
         over = " (over)" if budget and total is not None and total > budget else ""
         body.append([stage, fmt_seconds(total) + over, fmt_seconds(budget), "ran" if ran else "skipped (done)"])
@@ -233,7 +209,7 @@ def write_report(run: Run) -> dict[str, Any]:
     curves = {m.label: read_metrics(root / "logs" / m.label / "metrics.jsonl") for m in run.models}
 
     d = cfg["data"]
-    total = sum(run.state.seconds(k) or 0.0 for s in STAGES for k in run.stage_keys(s))
+    total = sum(run.stage_seconds(s) or 0.0 for s in STAGES)
     lines = [f"# Knowledge-CLIP run `{cfg['name']}`", ""]
     lines += [f"Preset `{cfg['preset']}`" + (f", config `{cfg['config_file']}`" if cfg.get("config_file") else "")
               + f"; data {'kclip synthetic set' if d['source'] == 'synth' else '`' + str(d['source']) + '`'} "
