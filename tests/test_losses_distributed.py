@@ -45,6 +45,10 @@ def _worker(rank, port, backend, queue):
         (out["contrastive_loss"] + out["distill_loss"]).backward()
         queue.put((rank, out["contrastive_loss"].item(), out["distill_loss"].item(),
                    [t.grad.double().tolist() for t in leaves]))  # fmt: skip
+        # Both ranks done with gloo before either tears it down: rank 0 hosts the store, and a rank
+        # that exits while its peer is still in destroy_process_group aborts in gloo's threads
+        # ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
