@@ -82,6 +82,16 @@ HostPoints host_points(const py::handle& x_obj, const py::handle& c_obj) {
   return p;
 }
 
+// The rows' squared norms a caller computed once (cpu_row_sq_norms), or None: then nullptr, computed per call.
+// The array is returned too, so it stays alive while the pointer is used.
+std::pair<py::object, const float*> host_norms(const py::handle& obj, int64_t n) {
+  if (obj.is_none()) return {py::none(), nullptr};
+  py::array a = host_array<float>(obj, "x_norm", 1);
+  require(a.shape(0) == n, "x_norm", "has " + std::to_string(a.shape(0)) + " entries for " + std::to_string(n) +
+                                         " rows of x");
+  return {a, static_cast<const float*>(a.data())};
+}
+
 // ---- device arrays -----------------------------------------------------------------------------------------
 
 // DLPack's C ABI (dlpack.h, v0.x "dltensor" capsules), declared here to avoid a header dependency.
@@ -306,19 +316,36 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- CPU ----
   m.def(
+      "cpu_row_sq_norms",
+      [](const py::handle& x_obj) {
+        py::array xa = host_array<float>(x_obj, "x", 2);
+        const int64_t n = xa.shape(0), d = xa.shape(1);
+        py::array_t<float> out(n);
+        {
+          py::gil_scoped_release nogil;
+          kclip::cpu::row_sq_norms(static_cast<const float*>(xa.data()), n, d, out.mutable_data());
+        }
+        return out;
+      },
+      py::arg("x"), "Squared norm of each row (float32 [n]), summed in coordinate order: x_norm for cpu_assign.");
+
+  m.def(
       "cpu_assign",
-      [](const py::handle& x_obj, const py::handle& c_obj) {
+      [](const py::handle& x_obj, const py::handle& c_obj, const py::handle& norm_obj) {
         const HostPoints p = host_points(x_obj, c_obj);
+        const auto norms = host_norms(norm_obj, p.n);
         py::array_t<int64_t> labels(p.n);
         py::array_t<float> dist(p.n);
         {
           py::gil_scoped_release nogil;
-          kclip::cpu::assign(p.xp(), p.n, p.d, p.cp(), p.k, labels.mutable_data(), dist.mutable_data());
+          kclip::cpu::assign(p.xp(), p.n, p.d, p.cp(), p.k, labels.mutable_data(), dist.mutable_data(),
+                             norms.second);
         }
         return py::make_tuple(labels, dist);
       },
-      py::arg("x"), py::arg("centroids"),
-      "Nearest centroid of each row: (labels int64 [n], squared distances float32 [n]).");
+      py::arg("x"), py::arg("centroids"), py::arg("x_norm") = py::none(),
+      "Nearest centroid of each row: (labels int64 [n], squared distances float32 [n]). x_norm: the rows' "
+      "cpu_row_sq_norms, when computed once for many calls on the same x.");
 
   m.def(
       "cpu_accumulate",
@@ -342,20 +369,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "cpu_assign_accumulate",
-      [](const py::handle& x_obj, const py::handle& c_obj) {
+      [](const py::handle& x_obj, const py::handle& c_obj, const py::handle& norm_obj) {
         const HostPoints p = host_points(x_obj, c_obj);
+        const auto norms = host_norms(norm_obj, p.n);
         py::array_t<int64_t> labels(p.n), counts(p.k);
         py::array_t<float> dist(p.n);
         py::array_t<double> sums({p.k, p.d});
         {
           py::gil_scoped_release nogil;
           kclip::cpu::assign_accumulate(p.xp(), p.n, p.d, p.cp(), p.k, labels.mutable_data(), dist.mutable_data(),
-                                        sums.mutable_data(), counts.mutable_data());
+                                        sums.mutable_data(), counts.mutable_data(), norms.second);
         }
         return py::make_tuple(labels, dist, sums, counts);
       },
-      py::arg("x"), py::arg("centroids"),
-      "cpu_assign and cpu_accumulate in one pass over x: (labels, dist, sums, counts), bitwise as the two calls.");
+      py::arg("x"), py::arg("centroids"), py::arg("x_norm") = py::none(),
+      "cpu_assign then cpu_accumulate, one call for Lloyd's loop: (labels, dist, sums, counts), bitwise as the "
+      "two calls.");
 
   m.def(
       "cpu_kmeanspp",

@@ -38,9 +38,9 @@ const IsaKernels& isa_kernels() {
 namespace {
 
 constexpr int64_t kBlock = 768;        // rows per OpenMP task in distance passes
-constexpr int64_t kSumBlock = 4096;    // rows per partial sum in fixed-order reductions
-constexpr int64_t kColumnChunk = 128;  // coordinates per task in the centroid update (512 bytes of a row)
-constexpr int64_t kPartialBytes = int64_t{64} << 20;  // float64 partial sums of the centroid update
+constexpr int64_t kSumBlock = 4096;    // rows per block in fixed-order reductions
+constexpr int kOrderedThreads = 4;     // at most this many threads: assign_accumulate's one-pass form
+constexpr int64_t kSumColumns = 512;   // coordinates per task in the centroid update (a 4 KB accumulator)
 // Below this many multiply-adds a loop runs on one thread: waking the team costs more than it saves, and far
 // more when the machine is oversubscribed and the other threads are not running.
 constexpr int64_t kParallelWork = int64_t{1} << 20;
@@ -98,84 +98,46 @@ PackedCentroids pack_centroids(const float* c, int64_t k, int64_t d) {
     const int64_t panel = j / kPanel, lane = j % kPanel;
     float* dst = p.data.data() + panel * d * kPanel + lane;
     const float* src = c + j * d;
-    float norm = 0.0f;
-    for (int64_t t = 0; t < d; ++t) {
-      dst[t * kPanel] = src[t];
-      norm += src[t] * src[t];
-    }
-    p.norm[j] = norm;
+    for (int64_t t = 0; t < d; ++t) dst[t * kPanel] = src[t];
   }
+  isa_kernels().sq_norms(c, k, d, p.norm.data());  // the rows' own formula: a row and its copy agree
   return p;
 }
 
 void row_sq_norms(const float* x, int64_t n, int64_t d, float* out) {
-#pragma omp parallel for schedule(static) if (n * d > kParallelWork)
-  for (int64_t i = 0; i < n; ++i) {
-    const float* row = x + i * d;
-    float s = 0.0f;
-    for (int64_t t = 0; t < d; ++t) s += row[t] * row[t];
-    out[i] = s;
-  }
-}
-
-void assign(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels, float* dist) {
-  const PackedCentroids packed = pack_centroids(c, k, d);
-  std::vector<float> x_norm(n);
-  row_sq_norms(x, n, d, x_norm.data());
   const IsaKernels& isa = isa_kernels();
-#pragma omp parallel for schedule(dynamic, 1) if (n * k * d > kParallelWork)
+#pragma omp parallel for schedule(static) if (n * d > kParallelWork)
   for (int64_t b = 0; b < tile_count(n, kBlock); ++b) {
-    const int64_t r0 = b * kBlock;
-    isa.assign_rows(x + r0 * d, tile_extent(n, kBlock, b), x_norm.data() + r0, packed, labels + r0, dist + r0);
+    isa.sq_norms(x + b * kBlock * d, tile_extent(n, kBlock, b), d, out + b * kBlock);
   }
 }
 
 namespace {
 
-// Per-cluster float64 sums over rows cut into `parts` contiguous ranges, each summed in row order into its own
-// partial; finish() adds the partials in order. `parts` depends on n, k and d only, never on the thread count,
-// so the sums are bitwise independent of it, and the fused and the separate centroid updates (which share this
-// partition) agree bitwise. Partials stay within kPartialBytes: one range, summed in place, when k x d is large.
-class PartialSums {
- public:
-  PartialSums(int64_t n, int64_t k, int64_t d, double* sums)
-      : parts(std::max<int64_t>(1, std::min(tile_count(n, kSumBlock),
-                                            kPartialBytes / (k * d * static_cast<int64_t>(sizeof(double)))))),
-        n_(n), kd_(k * d), d_(d), sums_(sums) {
-    if (parts > 1) partial_.assign(static_cast<size_t>(parts) * kd_, 0.0);
-    std::fill(base(0), base(0) + parts * kd_, 0.0);
+// The caller's row norms, or ones computed into `own`.
+const float* norms_or_own(const float* x, int64_t n, int64_t d, const float* x_norm, std::vector<float>& own) {
+  if (x_norm != nullptr) return x_norm;
+  own.resize(n);
+  row_sq_norms(x, n, d, own.data());
+  return own.data();
+}
+
+}  // namespace
+
+void assign(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels, float* dist,
+            const float* x_norm) {
+  const PackedCentroids packed = pack_centroids(c, k, d);
+  std::vector<float> own_norm;
+  x_norm = norms_or_own(x, n, d, x_norm, own_norm);
+  const IsaKernels& isa = isa_kernels();
+#pragma omp parallel for schedule(dynamic, 1) if (n * k * d > kParallelWork)
+  for (int64_t b = 0; b < tile_count(n, kBlock); ++b) {
+    const int64_t r0 = b * kBlock;
+    isa.assign_rows(x + r0 * d, tile_extent(n, kBlock, b), x_norm + r0, packed, labels + r0, dist + r0);
   }
+}
 
-  const int64_t parts;
-  int64_t begin(int64_t part) const { return n_ * part / parts; }
-  int64_t end(int64_t part) const { return n_ * (part + 1) / parts; }
-
-  // Adds coordinates [c0, c0 + width) of rows [r0, r1) (inside `part`, visited in increasing order).
-  void add(int64_t part, int64_t r0, int64_t r1, const float* x, const int64_t* labels, int64_t c0, int64_t width) {
-    double* acc = base(part) + c0;
-    for (int64_t i = r0; i < r1; ++i) {
-      double* dst = acc + labels[i] * d_;
-      const float* src = x + i * d_ + c0;
-      for (int64_t t = 0; t < width; ++t) dst[t] += src[t];
-    }
-  }
-
-  void finish() {
-    if (parts == 1) return;
-#pragma omp parallel for schedule(static) if (kd_ * parts > kParallelWork)
-    for (int64_t e = 0; e < kd_; ++e) {
-      double total = 0.0;
-      for (int64_t part = 0; part < parts; ++part) total += partial_[part * kd_ + e];
-      sums_[e] = total;
-    }
-  }
-
- private:
-  double* base(int64_t part) { return (parts > 1 ? partial_.data() : sums_) + part * kd_; }
-  int64_t n_, kd_, d_;
-  double* sums_;
-  std::vector<double> partial_;
-};
+namespace {
 
 void count_labels(const int64_t* labels, int64_t n, int64_t k, int64_t* counts) {
   std::fill(counts, counts + k, 0);
@@ -194,39 +156,51 @@ void count_labels(const int64_t* labels, int64_t n, int64_t k, int64_t* counts) 
 void accumulate(const float* x, int64_t n, int64_t d, const int64_t* labels, int64_t k, double* sums,
                 int64_t* counts) {
   count_labels(labels, n, k, counts);
-  PartialSums ps(n, k, d, sums);
-  // Tasks are (range, slice of coordinates) pairs, each streaming its rows in order.
-  const int64_t chunks = tile_count(d, kColumnChunk);
-#pragma omp parallel for schedule(dynamic, 1) if (n * d > kParallelWork)
-  for (int64_t task = 0; task < ps.parts * chunks; ++task) {
-    const int64_t part = task / chunks, chunk = task % chunks;
-    ps.add(part, ps.begin(part), ps.end(part), x, labels, chunk * kColumnChunk, tile_extent(d, kColumnChunk, chunk));
+  // The rows of each cluster, in row order (a counting sort): each (cluster, column slice) is then one task that
+  // sums its rows in that order into a float64 accumulator in L1 and writes it once. No partial sums to add up
+  // (at K = 100, D = 4096 the per-range partials were 3.3 MB each, past L2, and every row went through them).
+  std::vector<int64_t> start(k + 1, 0);
+  for (int64_t j = 0; j < k; ++j) start[j + 1] = start[j] + counts[j];
+  std::vector<int64_t> order(n);
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < n; ++i) order[next[labels[i]]++] = i;
   }
-  ps.finish();
+  const int64_t slices = tile_count(d, kSumColumns);
+  const IsaKernels& isa = isa_kernels();
+#pragma omp parallel for schedule(dynamic, 1) if (n * d > kParallelWork)
+  for (int64_t task = 0; task < k * slices; ++task) {
+    const int64_t cluster = task / slices, slice = task % slices;
+    const int64_t c0 = slice * kSumColumns, width = tile_extent(d, kSumColumns, slice);
+    double acc[kSumColumns] = {};
+    isa.sum_rows(x, d, order.data() + start[cluster], counts[cluster], c0, width, acc);
+    std::copy(acc, acc + width, sums + cluster * d + c0);
+  }
 }
 
 void assign_accumulate(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels,
-                       float* dist, double* sums, int64_t* counts) {
-  PartialSums ps(n, k, d, sums);
-  if (ps.parts < 2 * omp_get_max_threads()) {  // too few ranges to share out: two passes, the same result
-    assign(x, n, d, c, k, labels, dist);
+                       float* dist, double* sums, int64_t* counts, const float* x_norm) {
+  if (omp_get_max_threads() > kOrderedThreads) {
+    assign(x, n, d, c, k, labels, dist, x_norm);
     accumulate(x, n, d, labels, k, sums, counts);
     return;
   }
-  // One pass: each range is assigned block by block and its rows added to the sums while still in cache.
+  // One pass on a few threads: each block of rows is assigned in parallel, then added to the sums in block order
+  // (an ordered section) while it is still in cache, saving accumulate()'s second read of x. Every sum still
+  // adds its rows in row order from zero, so the result is bitwise accumulate()'s. The adds are serial: with
+  // more threads than kOrderedThreads they would hold up the distance work, and the two passes run instead.
   const PackedCentroids packed = pack_centroids(c, k, d);
-  std::vector<float> x_norm(n);
-  row_sq_norms(x, n, d, x_norm.data());
+  std::vector<float> own_norm;
+  x_norm = norms_or_own(x, n, d, x_norm, own_norm);
+  std::fill(sums, sums + k * d, 0.0);
   const IsaKernels& isa = isa_kernels();
-#pragma omp parallel for schedule(dynamic, 1) if (n * k * d > kParallelWork)
-  for (int64_t part = 0; part < ps.parts; ++part) {
-    for (int64_t r0 = ps.begin(part); r0 < ps.end(part); r0 += kBlock) {
-      const int64_t r1 = std::min(ps.end(part), r0 + kBlock);
-      isa.assign_rows(x + r0 * d, r1 - r0, x_norm.data() + r0, packed, labels + r0, dist + r0);
-      ps.add(part, r0, r1, x, labels, 0, d);
-    }
+#pragma omp parallel for ordered schedule(dynamic, 1) if (n * k * d > kParallelWork)
+  for (int64_t b = 0; b < tile_count(n, kBlock); ++b) {
+    const int64_t r0 = b * kBlock, r1 = r0 + tile_extent(n, kBlock, b);
+    isa.assign_rows(x + r0 * d, r1 - r0, x_norm + r0, packed, labels + r0, dist + r0);
+#pragma omp ordered
+    for (int64_t i = r0; i < r1; ++i) isa.sum_rows(x, d, &i, 1, 0, d, sums + labels[i] * d);
   }
-  ps.finish();
   count_labels(labels, n, k, counts);
 }
 

@@ -29,23 +29,30 @@ struct IsaKernels {
   // out [n][ldo]: squared distance to every centroid (first c.k columns written).
   void (*dist_rows)(const float* x, int64_t n, const float* x_norm, const PackedCentroids& c, float* out,
                     int64_t ldo);
+  // out[i] = ||x[i]||^2 for rows [0, n): sixteen running partial sums a row, added lane by lane at the end.
+  void (*sq_norms)(const float* x, int64_t n, int64_t d, float* out);
+  // acc[0:width] += x[rows[e]][c0:c0 + width] for e in [0, count), in that order (the centroid update).
+  void (*sum_rows)(const float* x, int64_t d, const int64_t* rows, int64_t count, int64_t c0, int64_t width,
+                   double* acc);
 };
 const IsaKernels& isa_kernels();  // the best this processor runs
 
 void row_sq_norms(const float* x, int64_t n, int64_t d, float* out);
 
 // Nearest centroid per row; OpenMP over blocks of rows. Deterministic: each row's result depends only on it.
-void assign(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels, float* dist);
+// x_norm: the rows' squared norms (row_sq_norms), or nullptr to compute them here; Lloyd's loop passes them
+// once computed, since x does not change between its iterations (at D = 4096 a pass over x each time).
+void assign(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels, float* dist,
+            const float* x_norm = nullptr);
 
 // Sum of the rows of each cluster (float64) and the cluster sizes. Every sum is accumulated in row order, so
 // the result is bitwise independent of the thread count.
 void accumulate(const float* x, int64_t n, int64_t d, const int64_t* labels, int64_t k, double* sums,
                 int64_t* counts);
 
-// assign() and accumulate() in one pass over x where the rows split into enough ranges (the result is bitwise
-// that of the two calls).
+// assign() then accumulate(): one call for Lloyd's loop (bitwise the two calls).
 void assign_accumulate(const float* x, int64_t n, int64_t d, const float* c, int64_t k, int64_t* labels,
-                       float* dist, double* sums, int64_t* counts);
+                       float* dist, double* sums, int64_t* counts, const float* x_norm = nullptr);
 
 // Greedy k-means++ (Arthur & Vassilvitskii, with n_trials candidates per step as scikit-learn does).
 // Writes the indices of the chosen rows to out [k]. Deterministic for a seed.

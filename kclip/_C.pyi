@@ -8,14 +8,15 @@ import numpy.typing as npt
 cuda_compiled: bool
 cpu_isa: str  # "avx512", "avx2" or "generic": the distance micro-kernel chosen for this processor
 
+def cpu_row_sq_norms(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
 def cpu_assign(
-    x: npt.NDArray[np.float32], centroids: npt.NDArray[np.float32]
+    x: npt.NDArray[np.float32], centroids: npt.NDArray[np.float32], x_norm: npt.NDArray[np.float32] | None = None
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
 def cpu_accumulate(
     x: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], k: int
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]: ...
 def cpu_assign_accumulate(
-    x: npt.NDArray[np.float32], centroids: npt.NDArray[np.float32]
+    x: npt.NDArray[np.float32], centroids: npt.NDArray[np.float32], x_norm: npt.NDArray[np.float32] | None = None
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.int64]]: ...
 def cpu_kmeanspp(x: npt.NDArray[np.float32], k: int, seed: int, n_trials: int) -> npt.NDArray[np.int64]: ...
 def cpu_soft_assign(

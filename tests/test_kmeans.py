@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -93,7 +94,11 @@ def test_compiled_matches_reference_from_same_init():
     torch.testing.assert_close(compiled.centroids, reference.centroids, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("n", "d", "k"), [(1, 1, 1), (3, 5, 2), (37, 17, 5), (257, 64, 37), (513, 100, 130)])
+@pytest.mark.parametrize(
+    ("n", "d", "k"),
+    # the last two: several coordinate slices of the micro-kernel (the last one short), an odd last panel
+    [(1, 1, 1), (3, 5, 2), (37, 17, 5), (257, 64, 37), (513, 100, 130), (205, 600, 40), (61, 1024, 17)],
+)
 def test_assign_and_accumulate_match_reference(n, d, k):
     rng = np.random.default_rng(n + d + k)
     x = rng.standard_normal((n, d)).astype(np.float32)
@@ -106,6 +111,44 @@ def test_assign_and_accumulate_match_reference(n, d, k):
     ref_sums, ref_counts = accumulate_reference(torch.from_numpy(x), torch.from_numpy(labels), k)
     torch.testing.assert_close(torch.from_numpy(sums), ref_sums)
     assert (torch.from_numpy(counts) == ref_counts).all()
+
+
+def test_precomputed_row_norms_give_the_same_bits():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((700, 300)).astype(np.float32)
+    c = rng.standard_normal((45, 300)).astype(np.float32)
+    x_norm = C.cpu_row_sq_norms(x)
+    np.testing.assert_allclose(x_norm, (x.astype(np.float64) ** 2).sum(1), rtol=1e-5)
+    plain, given = C.cpu_assign_accumulate(x, c), C.cpu_assign_accumulate(x, c, x_norm)
+    for a, b in zip(plain, given, strict=True):
+        assert a.tobytes() == b.tobytes()
+    labels, dist = C.cpu_assign(x, c, x_norm)
+    assert labels.tobytes() == plain[0].tobytes() and dist.tobytes() == plain[1].tobytes()
+
+
+def test_cpu_ops_compute_row_norms_once_per_chunk(monkeypatch):
+    from kclip.cluster.kmeans import CpuOps
+
+    calls = []
+    ops = CpuOps(C)
+    monkeypatch.setattr(
+        ops,
+        "C",
+        SimpleNamespace(
+            cpu_row_sq_norms=lambda x: calls.append(x) or C.cpu_row_sq_norms(x),
+            cpu_assign=C.cpu_assign,
+            cpu_assign_accumulate=C.cpu_assign_accumulate,
+        ),
+    )
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    c = torch.from_numpy(x[:4].copy())
+    for _ in range(3):
+        ops.assign_accumulate(x, c, 4)
+    ops.assign(x, c)
+    assert len(calls) == 1
+    y = x.copy()  # another chunk: its own norms
+    ops.assign(y, c)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize(("tile_m", "tile_n", "lanes"), [(64, 64, 2), (128, 64, 4), (16, 16, 1), (7, 5, 3)])
@@ -158,7 +201,8 @@ print(hashlib.sha256(km.centroids.numpy().tobytes()).hexdigest(), repr(km.object
 
 def test_seeded_fit_is_bitwise_identical_across_runs_and_thread_counts(tmp_path):
     outputs = set()
-    for threads in ("1", "2", "2"):
+    # 8 threads: more than kOrderedThreads, so the centroid update takes its two-pass form (the same bits)
+    for threads in ("1", "2", "2", "8"):
         env = dict(os.environ, OMP_NUM_THREADS=threads)
         # cwd away from the checkout, so `python -c` imports the installed kclip rather than the source tree
         r = subprocess.run(
@@ -320,6 +364,8 @@ def test_compiled_boundary_checks_name_the_argument():
         C.cpu_assign(np.ones((4, 6), np.float32)[:, ::2], x)
     with pytest.raises(ValueError, match="centroids: width"):
         C.cpu_assign(x, np.ones((2, 5), np.float32))
+    with pytest.raises(ValueError, match="x_norm: has 3 entries for 4 rows"):
+        C.cpu_assign(x, x, np.ones(3, np.float32))
     with pytest.raises(ValueError, match="labels: entry 1 is 7"):
         C.cpu_accumulate(x, np.array([0, 7, 0, 0], np.int64), 3)
     with pytest.raises(ValueError, match="fewer than k"):

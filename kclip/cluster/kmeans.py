@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -115,18 +116,31 @@ class CpuOps:
 
     def __init__(self, module):
         self.C = module
+        self._norms: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
     def prepare(self, rows: Any) -> np.ndarray:
         if isinstance(rows, torch.Tensor):
             return rows.detach().to("cpu", torch.float32).contiguous().numpy()
         return np.ascontiguousarray(rows, dtype=np.float32)
 
+    def _x_norm(self, x: np.ndarray) -> np.ndarray:
+        """The rows' squared norms of a prepared chunk, computed once: Lloyd's loop passes the same prepared
+        chunks every iteration, and at D = 4096 recomputing them was a pass over x each time (18 ms at 20k rows
+        here). The ops live for one fit or one assign call and hold only weak references to the chunks."""
+        hit = self._norms.get(id(x))
+        if hit is not None and hit[0]() is x:
+            return hit[1]
+        self._norms = {key: v for key, v in self._norms.items() if v[0]() is not None}
+        norms = self.C.cpu_row_sq_norms(x)
+        self._norms[id(x)] = (weakref.ref(x), norms)
+        return norms
+
     @staticmethod
     def _host(c: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray(c.detach().cpu().numpy(), dtype=np.float32)
 
     def assign(self, x: np.ndarray, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        labels, dist = self.C.cpu_assign(x, self._host(centroids))
+        labels, dist = self.C.cpu_assign(x, self._host(centroids), self._x_norm(x))
         return torch.from_numpy(labels), torch.from_numpy(dist)
 
     def accumulate(self, x: np.ndarray, labels: torch.Tensor, k: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,8 +152,8 @@ class CpuOps:
         return out
 
     def assign_accumulate(self, x: np.ndarray, centroids: torch.Tensor, k: int, out=None):
-        """assign() and accumulate() in one pass over x (the rows stay in cache): (dist, (sums, counts))."""
-        _, dist, sums, counts = self.C.cpu_assign_accumulate(x, self._host(centroids))
+        """assign() then accumulate() in one call: (dist, (sums, counts))."""
+        _, dist, sums, counts = self.C.cpu_assign_accumulate(x, self._host(centroids), self._x_norm(x))
         sums, counts = torch.from_numpy(sums), torch.from_numpy(counts)
         if out is not None:
             sums, counts = out[0].add_(sums), out[1].add_(counts)
