@@ -15,7 +15,10 @@ What is timed:
     centroid updates; every provider also runs one assignment pass after its last update (kclip: the sum of its
     IterationStats seconds over len(stats) - 1 updates; sklearn: wall time of fit() over n_iter_; faiss: its
     cumulative iteration time with niter = n_iter + 1, whose last objective belongs to the n_iter-th update, over
-    n_iter). Median and p20/p80 over `repeat` fits, after an untimed warm-up fit on the first rows.
+    n_iter). Median and p20/p80 over `repeat` fits, after an untimed warm-up fit on the first rows. Without a
+    time budget (the CPU default) the providers' fits of a shape are taken in turn, so that a drift of the
+    machine's speed hits them alike (meta "order": "interleaved"; --sequential for one provider after another),
+    each after a pause of QUIET_S so that the previous provider's spinning thread pools are asleep.
   - fit_seconds: wall time of the fit call, data preparation included (kclip converts and checks the points first).
   - init_seconds: k-means++ on the same sample of points (kclip's default sample, min(n, max(64 k, 8192)) rows):
     kclip's KMeans(init="k-means++") against sklearn.cluster.kmeans_plusplus (same greedy rule, 2 + ln k trials).
@@ -107,6 +110,10 @@ DTYPES = {"cpu": ("float32",), "cuda": ("bfloat16", "float32")}
 PROVIDERS = {"cpu": ("kclip", "reference", "sklearn", "faiss"), "cuda": ("kclip", "torch-chunked", "faiss-gpu")}
 REPEAT = {"smoke": 1, "cpu": 3, "cuda": 1}
 BUDGET_S = {"cuda": 140.0}  # the device check gives this script 180 s in all
+# A pause before each interleaved fit: thread pools spin on after their work (OpenBLAS's for ~0.1 s, libgomp's
+# briefly), and on 2 cores a pool spinning from the previous provider's fit took half the next one's CPU (a kclip
+# pass measured 35 ms right after a numpy matmul, 20 ms after a pause; the matmul 23 ms after kclip, 16 after one).
+QUIET_S = 0.3
 FLOOR_ROWS = {"cpu": 16_384, "cuda": 32_768}  # rows of the [rows, D] x [D, K] product timed for the floor
 
 
@@ -436,6 +443,63 @@ def run_provider(
         if kind == "cpu":  # an untimed fit: seeing the host peak makes every allocation fault its pages in
             with peak_memory(kind) as mem:
                 p.fit(xr, c0, n_iter)
+    return _result_row(p, shape, dtype, fits, walls, mem, n_run, n_iter, note)
+
+
+def run_providers_interleaved(
+    providers: list[Provider], x: Any, c0: np.ndarray, shape: Shape, dtype: str, kind: str, repeat: int
+) -> list[dict[str, Any]]:
+    """run_provider for several providers without a time budget, their fits taken in turn (a, b, c, a, b, c, ...)
+    so that a drift of the machine's speed over the run (this 2-core VM's varies by a quarter over minutes) hits
+    every provider alike instead of whichever ran during the slow minute. A provider that fails is left out of the
+    rows and its error returned in its place."""
+    n_probe = min(shape.n, max(shape.k, 4096))
+    fits: dict[str, list[Fit]] = {}
+    walls: dict[str, list[float]] = {}
+    failed: dict[str, Exception] = {}
+    for p in providers:  # the warm-ups: first-call costs
+        try:
+            p.fit(x[:n_probe], c0, 1)
+            fits[p.name], walls[p.name] = [], []
+        except Exception as exc:
+            failed[p.name] = exc
+    for _ in range(repeat):
+        for p in providers:
+            if p.name in failed:
+                continue
+            time.sleep(QUIET_S)
+            try:
+                fit, wall = _timed(lambda p=p: p.fit(x, c0, shape.n_iter))
+            except Exception as exc:
+                failed[p.name] = exc
+                continue
+            fits[p.name].append(fit)
+            walls[p.name].append(wall)
+    rows = []
+    for p in providers:
+        if p.name in failed:
+            rows.append(failed[p.name])
+            continue
+        mem = {"peak_mem_mib": None, "mem_method": None}
+        if kind == "cpu":  # as in run_provider: one more, untimed, fit for the host peak
+            with peak_memory(kind) as mem:
+                p.fit(x, c0, shape.n_iter)
+        rows.append(_result_row(p, shape, dtype, fits[p.name], walls[p.name], mem, shape.n, shape.n_iter, ""))
+    return rows
+
+
+def _result_row(
+    p: Provider,
+    shape: Shape,
+    dtype: str,
+    fits: list[Fit],
+    walls: list[float],
+    mem: dict[str, Any],
+    n_run: int,
+    n_iter: int,
+    note: str,
+) -> dict[str, Any]:
+    k = shape.k
     per_iter = quantiles_ms([f.seconds / max(f.updates, 1) for f in fits])
     flops = 2.0 * n_run * shape.d * k
     return {
@@ -449,7 +513,7 @@ def run_provider(
         "init": shape.init,
         "n_iter": n_iter,
         "updates": fits[-1].updates,
-        "n_requested": n,
+        "n_requested": shape.n,
         "n_iter_requested": shape.n_iter,
         "repeat": len(fits),
         "seconds_per_iter": per_iter["median"],
@@ -521,6 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--providers", default=None, help="comma-separated subset of the providers to run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="all of one provider's fits before the next provider's (the default without a budget takes the "
+        "providers' fits in turn; with a budget the run is always sequential, each row planned within it)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every instruction set it tries
@@ -544,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": {},
         "gemm_floor": {},
     }
+    meta["order"] = "interleaved" if budget.deadline is None and not args.sequential else "sequential"
     rows: list[dict[str, Any]] = []
     if why_not:
         return refuse_device(out, meta, args.device, why_not)
@@ -577,15 +648,28 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in DTYPES[kind]:
             x = x32 if dtype == "float32" else x32.to(getattr(torch, dtype))
             group: list[dict[str, Any]] = []
+            accepted = []
             for p in providers.values():
                 if why := p.accepts(dtype):
                     meta["skipped"][f"{p.name} {dtype}"] = why
-                    continue
-                log.info("%s %s %s ...", p.name, shape.key, dtype)
+                else:
+                    accepted.append(p)
+            if meta["order"] == "interleaved":
+                log.info("%s %s: %s, fits in turn ...", shape.key, dtype, ", ".join(p.name for p in accepted))
+                results = run_providers_interleaved(accepted, x, c0, shape, dtype, kind, repeat)
+            else:
+                results = None
+            for i, p in enumerate(accepted):
                 try:
-                    row = run_provider(p, x, c0, shape, dtype, kind, repeat, budget)
+                    if results is not None:
+                        row = results[i]
+                        if isinstance(row, Exception):
+                            raise row
+                    else:
+                        log.info("%s %s %s ...", p.name, shape.key, dtype)
+                        row = run_provider(p, x, c0, shape, dtype, kind, repeat, budget)
                 except Exception as exc:  # one provider failing must not lose the others' rows
-                    log.exception("%s %s %s failed", p.name, shape.key, dtype)
+                    log.error("%s %s %s failed", p.name, shape.key, dtype, exc_info=exc)
                     meta["skipped"][f"{p.name} {shape.key} {dtype}"] = f"failed: {type(exc).__name__}: {exc}"
                     continue
                 finally:
