@@ -10,7 +10,7 @@ Modes: forward, backward (the backward alone, the forward's graph retained), ful
 Each row: median / p20 / p80 time in ms and peak memory beyond the inputs (MiB). Contrastive rows also carry the
 floor, 4 GEMM-equivalents of 2·B²·D FLOPs (the minimal algorithm: 1 forward, 3 backward) at the bf16 matmul rate
 measured here, and time over floor; kclip's rows also carry the GEMM-equivalents its kernels do
-(kernels.contrastive_distill.gemm_equivalents, 10 at D = 768 with the backward's BLOCK_DO = 256).
+(kernels.contrastive_distill.gemm_equivalents: 6 to 10 at D = 768, by the backward configuration autotuned).
 
     python bench/bench_losses.py --device cuda --out results.json [--budget-s 100]
     python bench/bench_losses.py --smoke          # a CPU check under the Triton interpreter, tiny shapes
@@ -152,11 +152,13 @@ def _measure(torch, kind, make_inputs, loss_fn, mode, smoke):
 
 
 def _kclip_gemms(d: int) -> dict[str, int]:
-    """GEMM-equivalents of kclip's kernels per mode, with the backward's BLOCK_DO as autotuned (256 if not yet)."""
+    """GEMM-equivalents of kclip's kernels per mode, with the backward's feature group as autotuned (one 256-wide
+    slice if not yet)."""
     from kclip.kernels import contrastive_distill as cd
 
     best = getattr(cd._contrastive_distill_bwd_kernel, "best_config", None)
-    work = cd.gemm_equivalents(d, best.kwargs["BLOCK_DO"] if best is not None else 256)
+    kw = best.kwargs if best is not None else {"BLOCK_DO": 256, "NUM_DO": 1}
+    work = cd.gemm_equivalents(d, kw["BLOCK_DO"], kw.get("NUM_DO", 1))
     return {"forward": work["forward"], "backward": work["backward"], "full": work["total"]}
 
 

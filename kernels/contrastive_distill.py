@@ -18,10 +18,12 @@ Two forms:
   sums over ranks).
 
 Work, in GEMM-equivalents (one rows x columns x D product; ``gemm_equivalents``): the forward computes the logits
-once per direction (2); each backward program owns a BLOCK_DO-wide slice of the feature dimension and
-recomputes the whole logit tile for it, so the backward does 2 (ceil(D / BLOCK_DO) + 1): at D = 768 with
-BLOCK_DO = 256, 8 in the backward and 10 in all, against 4 for the minimal algorithm (1 forward, 3 backward),
-which bench/bench_losses.py takes as the floor.
+once per direction (2); each backward program owns a group of NUM_DO slices of BLOCK_DO features, computes each
+logit tile once for the whole group and accumulates every slice's gradient from it, so the backward does
+2 (ceil(D / (NUM_DO · BLOCK_DO)) + 1). At D = 768 the sm_90 configuration holds the whole width (3 x 256): 4 in
+the backward, 6 in all; the configurations that also compile without spills for sm_80 group 384 features (8 in
+all) or take one 256-wide slice (10); the autotuner picks by time. The minimal algorithm (1 forward, 3 backward)
+is the floor bench/bench_losses.py uses.
 
 Reductions: every program writes its own partial (rows, splits of the inner dimension, slices of the feature
 dimension) and the host sums them in a fixed order; the only atomics are the optional split-inner accumulation
@@ -47,7 +49,11 @@ MAX_SPLITS = 16
 C = triton.Config
 # The interpreter's single configuration (autotuning is off there): small, so B=257 stays fast on a CPU.
 INTERPRET_FWD_CONFIG = C({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-INTERPRET_BWD_CONFIG = C({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 64}, num_warps=4, num_stages=1)
+# Its backward groups two 32-wide feature slices, so the tests' widths cover one slice, a partial second slice and
+# several groups.
+INTERPRET_BWD_CONFIG = C(
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 32, "NUM_DO": 2}, num_warps=4, num_stages=1
+)
 # GPU configurations per input width (16-bit tiles on tensor cores; fp32 through 3-pass TF32, which needs smaller
 # tiles), each compiled for sm_80 and sm_90 without spills by tests/test_kernels_compile.py. The backward's
 # BLOCK_DO = 256 keeps the recomputation of each tile to ceil(D / 256) times (3 at D = 768).
@@ -61,24 +67,47 @@ FWD_CONFIGS_32 = [
     C({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
     C({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
 ]
-# Pipelined (num_stages >= 2) everywhere: each configuration below compiles without spills in its store modes.
+
+
+def _bwd(m: int, n: int, k: int, do: int, num_do: int, warps: int, stages: int) -> triton.Config:
+    return C(
+        {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "BLOCK_DO": do, "NUM_DO": num_do},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+# Backward: pipelined (num_stages >= 2) everywhere, each compiled without spills in its store modes. A program
+# accumulates NUM_DO slices of BLOCK_DO features and computes each logit tile once for all of them; the tile is
+# recomputed once per group of NUM_DO x BLOCK_DO features (gemm_equivalents). The grouped configurations hold
+# more accumulators, so they take fewer rows (BLOCK_M = 32).
 BWD_CONFIGS_16 = [
-    C({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=2),
-    C({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=3),
-    C({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_DO": 256}, num_warps=8, num_stages=3),
-    C({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=4, num_stages=2),
-    C({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=3),
-    C({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=2),
-    C({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
+    _bwd(64, 64, 64, 256, 1, 8, 2),
+    _bwd(64, 64, 64, 256, 1, 8, 3),
+    _bwd(64, 64, 32, 256, 1, 8, 3),
+    _bwd(32, 64, 64, 256, 1, 4, 2),
+    _bwd(64, 32, 64, 256, 1, 8, 3),
+    _bwd(64, 64, 64, 128, 1, 8, 2),
+    _bwd(64, 128, 64, 128, 1, 8, 3),
+    _bwd(32, 64, 64, 128, 3, 8, 2),  # a 384-wide group: D = 768 recomputes each tile twice
+    _bwd(32, 64, 64, 128, 3, 8, 3),
+]
+# Only sm_90 (Hopper) compiles these without spills (sm_80 spills 140-810 bytes): the whole D = 768 in one group
+# (each tile computed once: 4 GEMM-equivalents in the backward), and a 64-row 384-wide group. Pruned elsewhere.
+BWD_CONFIGS_16_SM90 = [
+    _bwd(32, 32, 64, 256, 3, 16, 2),
+    _bwd(64, 64, 64, 128, 3, 8, 2),
 ]
 BWD_CONFIGS_32 = [
-    C({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 64}, num_warps=4, num_stages=3),
-    C({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
-    C({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 128}, num_warps=4, num_stages=3),
+    _bwd(32, 32, 32, 64, 1, 4, 3),
+    _bwd(64, 32, 32, 128, 1, 8, 3),
+    _bwd(32, 32, 32, 128, 1, 4, 3),
+    _bwd(32, 32, 32, 128, 3, 8, 2),
 ]
 # The atomic split-inner store (deterministic=False) holds more registers: on sm_80 only the 16-bit tiles with
-# BLOCK_DO = 128 fit without spills (the 256-wide ones spill 190-640 bytes); every fp32 one fits.
-BWD_ATOMIC_CONFIGS_16 = BWD_CONFIGS_16[-2:]
+# BLOCK_DO = 128 fit without spills (the 256-wide ones spill 190-640 bytes), and neither sm_90-only group does
+# (60 and 8 bytes); every fp32 one fits.
+BWD_ATOMIC_CONFIGS_16 = BWD_CONFIGS_16[-4:]
 BWD_ATOMIC_CONFIGS_32 = BWD_CONFIGS_32
 
 
@@ -87,7 +116,7 @@ def _fwd_configs() -> list[triton.Config]:
 
 
 def _bwd_configs() -> list[triton.Config]:
-    return [INTERPRET_BWD_CONFIG] if INTERPRET else BWD_CONFIGS_16 + BWD_CONFIGS_32
+    return [INTERPRET_BWD_CONFIG] if INTERPRET else BWD_CONFIGS_16 + BWD_CONFIGS_16_SM90 + BWD_CONFIGS_32
 
 
 def _prune(configs, named_args, **kwargs):
@@ -102,9 +131,18 @@ def _prune(configs, named_args, **kwargs):
         allowed = BWD_ATOMIC_CONFIGS_32 if wide else BWD_ATOMIC_CONFIGS_16
     else:
         allowed = BWD_CONFIGS_32 if wide else BWD_CONFIGS_16
+        if not wide and features.is_cuda and torch.cuda.get_device_capability(features.device) >= (9, 0):
+            allowed = allowed + BWD_CONFIGS_16_SM90
     candidates = [c for c in configs if any(c is a for a in allowed)]
-    width = triton.next_power_of_2(named_args["D"])
-    kept = [c for c in candidates if c.kwargs["BLOCK_K"] <= max(width, 16) and c.kwargs.get("BLOCK_DO", 0) <= width]
+    d = named_args["D"]
+    width = triton.next_power_of_2(d)
+    kept = [
+        c
+        for c in candidates
+        if c.kwargs["BLOCK_K"] <= max(width, 16)
+        and c.kwargs.get("BLOCK_DO", 0) <= width
+        and (c.kwargs.get("NUM_DO", 1) - 1) * c.kwargs.get("BLOCK_DO", 0) < d  # no accumulator wholly past D
+    ]
     return kept or [min(candidates, key=lambda c: c.kwargs.get("BLOCK_DO", c.kwargs["BLOCK_K"]))]
 
 
@@ -236,6 +274,43 @@ def _contrastive_distill_fwd_kernel(
                 tl.store(SQERR + rows, sq, mask=row_mask)
 
 
+@triton.jit
+def _slice_dot(
+    acc, g, y_ptr, cols, col_mask, stride_y, dcols, dmask,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc + G · Y[cols, dcols]: one feature slice's share of Σ_j G_ij Y_j."""
+    y = tl.load(
+        y_ptr + cols[:, None] * stride_y + dcols[None, :], mask=col_mask[:, None] & dmask[None, :], other=0.0
+    )  # [BLOCK_N, BLOCK_DO]
+    if DOT_FP32:
+        y = y.to(tl.float32)
+    return tl.dot(g, y, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _store_slice(
+    acc, slice_index, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER, DSCALE_ROW, scale, pid_s,
+    STORE_DSCALE: tl.constexpr, STORE_MODE: tl.constexpr, BLOCK_DO: tl.constexpr, FIRST: tl.constexpr,
+):  # fmt: skip
+    """Write one slice of ∂X = s Σ_j G_ij Y_j (acc, upstream factor applied) and its ∂s partial <X_i, acc_i>.
+    A group's FIRST slice always starts inside D; a later one of the last group may start past it (skipped)."""
+    start = slice_index * BLOCK_DO
+    if FIRST or start < D:
+        dcols = start.to(tl.int64) + tl.arange(0, BLOCK_DO)
+        out_mask = row_mask[:, None] & (dcols < D)[None, :]
+        if STORE_DSCALE:
+            xo = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+            tl.store(DSCALE_ROW + slice_index.to(tl.int64) * N_OUTER + rows, tl.sum(xo * acc, 1), mask=row_mask)
+        dx = acc * scale
+        if STORE_MODE == 0:
+            tl.store(dx_ptr + rows[:, None] * D + dcols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
+        elif STORE_MODE == 1:
+            tl.store(dx_ptr + (pid_s * N_OUTER + rows[:, None]) * D + dcols[None, :], dx, mask=out_mask)
+        else:
+            tl.atomic_add(dx_ptr + rows[:, None] * D + dcols[None, :], dx, mask=out_mask)
+
+
 # Backward. With G = ∂loss/∂z (z = s·X·Yᵀ the logit tile of "outer" rows X against "inner" rows Y):
 #   ∂loss/∂X_i = s Σ_j G_ij Y_j,      ∂loss/∂s = Σ_ij G_ij <X_i, Y_j> = Σ_i <X_i, Σ_j G_ij Y_j>,
 #   G_ij = g/(2b) · ( [ROW] e^{z_ij − lse_row_i} + [COL] e^{z_ij − lse_col_j} − w·δ(i − j = shift) ),
@@ -245,8 +320,9 @@ def _contrastive_distill_fwd_kernel(
 #                   softmax of the other direction), w = 2, shift = 0; ∂s from direction 0 only.
 #   local rows:     X = A_d (local), Y = C_d (gathered), ROW = lse_d, w = 1, shift = −offset; ∂s from both.
 #   gathered cols:  X = C_d (gathered), Y = A_d (local), COL = lse_d, w = 1, shift = +offset.
-# Grid: (outer row blocks, 2 directions × feature-width slices of BLOCK_DO, inner splits). Each width slice
-# recomputes the tile (the [BLOCK_M, D] accumulator of a full width does not fit in registers for D ≥ 512).
+# Grid: (outer row blocks, 2 directions × feature groups of NUM_DO × BLOCK_DO, inner splits). Each group computes
+# the tile once and accumulates its NUM_DO slices from it ([BLOCK_M, D] accumulators: at D = 768, 32 rows in 16
+# warps fit sm_90's registers; 64 rows do not).
 # Distillation: ∂/∂P = 2 (P − T) · g_d / (b·E), written by one program slice per row block.
 @triton.autotune(
     configs=_bwd_configs(),
@@ -301,14 +377,15 @@ def _contrastive_distill_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_DO: tl.constexpr,
+    NUM_DO: tl.constexpr,  # feature slices a program accumulates (1 to 4): its group is NUM_DO x BLOCK_DO wide
 ):
     pid_m = tl.program_id(0)
     pid_1 = tl.program_id(1)
     pid_s = tl.program_id(2)
     n_splits = tl.num_programs(2)
-    n_slices = tl.cdiv(D, BLOCK_DO)
-    direction = pid_1 // n_slices
-    d_slice = pid_1 % n_slices
+    n_groups = tl.cdiv(D, BLOCK_DO * NUM_DO)
+    direction = pid_1 // n_groups
+    d_group = pid_1 % n_groups
     if direction == 0:
         x_ptr = X0
         y_ptr = Y0
@@ -333,12 +410,27 @@ def _contrastive_distill_bwd_kernel(
     coef = tl.load(GRAD_C).to(tl.float32) * COEF
     if USE_ROW_LSE:
         lse_row = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0) * LOG2E
-    dcols = d_slice.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # [BLOCK_DO]
-    dmask = dcols < D
+    first_slice = d_group * NUM_DO
 
     inner_begin = pid_s * INNER_PER_SPLIT  # int32 loop bounds; offsets below are int64
     inner_end = tl.minimum(inner_begin + INNER_PER_SPLIT, N_INNER)
-    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    # One accumulator per feature slice of the group: the logit tile is computed once for all of them.
+    offs_do = tl.arange(0, BLOCK_DO)
+    dcols0 = first_slice.to(tl.int64) * BLOCK_DO + offs_do  # [BLOCK_DO]
+    dmask0 = dcols0 < D
+    acc0 = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    if NUM_DO > 1:
+        dcols1 = dcols0 + BLOCK_DO
+        dmask1 = dcols1 < D
+        acc1 = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    if NUM_DO > 2:
+        dcols2 = dcols0 + 2 * BLOCK_DO
+        dmask2 = dcols2 < D
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    if NUM_DO > 3:
+        dcols3 = dcols0 + 3 * BLOCK_DO
+        dmask3 = dcols3 < D
+        acc3 = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     for start_n in range(inner_begin, inner_end, BLOCK_N):
         cols = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
         col_mask = cols < inner_end
@@ -355,30 +447,42 @@ def _contrastive_distill_bwd_kernel(
             g += tl.exp2(z - lse_col[None, :])
         g = tl.where((rows[:, None] - cols[None, :]) == DIAG_SHIFT, g - DIAG_WEIGHT, g)
         g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)  # padding rows could overflow exp2
-        y = tl.load(
-            y_ptr + cols[:, None] * stride_y + dcols[None, :], mask=col_mask[:, None] & dmask[None, :], other=0.0
-        )  # [BLOCK_N, BLOCK_DO]
+        # G is O(1) here; the upstream factor g/(2b) is applied after the dots so that fp16 tiles cannot underflow.
         if DOT_FP32:
-            y = y.to(tl.float32)
-        # G is O(1) here; the upstream factor g/(2b) is applied after the dot so that fp16 tiles cannot underflow.
-        acc = tl.dot(g.to(y.dtype), y, acc, input_precision=INPUT_PRECISION)
-    acc = acc * coef  # Σ_j G_ij Y_j
+            g = g.to(tl.float32)
+        else:
+            g = g.to(y_ptr.dtype.element_ty)
+        acc0 = _slice_dot(acc0, g, y_ptr, cols, col_mask, stride_y, dcols0, dmask0, DOT_FP32, INPUT_PRECISION)
+        if NUM_DO > 1:
+            acc1 = _slice_dot(acc1, g, y_ptr, cols, col_mask, stride_y, dcols1, dmask1, DOT_FP32, INPUT_PRECISION)
+        if NUM_DO > 2:
+            acc2 = _slice_dot(acc2, g, y_ptr, cols, col_mask, stride_y, dcols2, dmask2, DOT_FP32, INPUT_PRECISION)
+        if NUM_DO > 3:
+            acc3 = _slice_dot(acc3, g, y_ptr, cols, col_mask, stride_y, dcols3, dmask3, DOT_FP32, INPUT_PRECISION)
 
-    out_mask = row_mask[:, None] & dmask[None, :]
-    if STORE_DSCALE:
-        xo = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        slot = (direction * n_splits + pid_s).to(tl.int64) * N_DS_SLOTS + d_slice
-        tl.store(DSCALE + slot * N_OUTER + rows, tl.sum(xo * acc, 1), mask=row_mask)
-    dx = acc * scale
-    if STORE_MODE == 0:
-        tl.store(dx_ptr + rows[:, None] * D + dcols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
-    elif STORE_MODE == 1:
-        tl.store(dx_ptr + (pid_s * N_OUTER + rows[:, None]) * D + dcols[None, :], dx, mask=out_mask)
-    else:
-        tl.atomic_add(dx_ptr + rows[:, None] * D + dcols[None, :], dx, mask=out_mask)
+    slot0 = (direction * n_splits + pid_s).to(tl.int64) * N_DS_SLOTS
+    _store_slice(
+        acc0 * coef, first_slice, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER, DSCALE + slot0 * N_OUTER,
+        scale, pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, True,
+    )  # fmt: skip
+    if NUM_DO > 1:
+        _store_slice(
+            acc1 * coef, first_slice + 1, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER,
+            DSCALE + slot0 * N_OUTER, scale, pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, False,
+        )  # fmt: skip
+    if NUM_DO > 2:
+        _store_slice(
+            acc2 * coef, first_slice + 2, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER,
+            DSCALE + slot0 * N_OUTER, scale, pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, False,
+        )  # fmt: skip
+    if NUM_DO > 3:
+        _store_slice(
+            acc3 * coef, first_slice + 3, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER,
+            DSCALE + slot0 * N_OUTER, scale, pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, False,
+        )  # fmt: skip
 
     if HAS_DISTILL:
-        if (direction == 0) & (d_slice == 0) & (pid_s == 0):
+        if (direction == 0) & (d_group == 0) & (pid_s == 0):
             dcoef = tl.load(GRAD_D).to(tl.float32) * DISTILL_COEF
             offs_e = tl.arange(0, BLOCK_E)
             for e0 in range(0, E, BLOCK_E):
@@ -414,13 +518,14 @@ def _num_splits(programs: int, n_inner: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLITS, (2 * sms) // max(programs, 1), triton.cdiv(n_inner, 512)))
 
 
-def gemm_equivalents(width: int, block_do: int = 256) -> dict[str, int]:
+def gemm_equivalents(width: int, block_do: int = 256, num_do: int = 3) -> dict[str, int]:
     """The kernels' work in GEMM-equivalents (one rows x columns x D product each): the forward computes the
-    logits once per direction (2); the backward recomputes the whole logit tile in each of its ceil(D / BLOCK_DO)
-    feature-slice programs and forms the gradient slice by slice, per direction: 2 (ceil(D / BLOCK_DO) + 1).
-    At D = 768 and BLOCK_DO = 256: 2 + 8 = 10, where the minimal algorithm (both directions' log-sum-exps from
-    one tile, one recomputation in the backward) does 1 + 3."""
-    backward = 2 * (triton.cdiv(width, block_do) + 1)
+    logits once per direction (2); per direction, the backward recomputes the whole logit tile once for each group
+    of num_do x block_do features (one program's accumulators) and forms the gradient once: 2 (groups + 1).
+    At D = 768: 6 in all with the whole width in one group (256 x 3, the sm_90 configuration), 8 with 384-wide
+    groups, 10 with one 256-wide slice a program; the minimal algorithm (both directions' log-sum-exps from one
+    tile, one recomputation in the backward) does 1 + 3."""
+    backward = 2 * (triton.cdiv(width, block_do * num_do) + 1)
     return {"forward": 2, "backward": backward, "total": 2 + backward, "minimal": 4}
 
 
@@ -499,7 +604,8 @@ def _launch_bwd(
     n_inner = y0.shape[0]
     device, dtype = x0.device, x0.dtype
     splits, per_split = 1, n_inner
-    wanted = _num_splits(triton.cdiv(n_outer, 64) * 2 * triton.cdiv(width, 256), n_inner, device)
+    # programs per split for the widest groups (the fewest programs): 32 rows x 768 features
+    wanted = _num_splits(triton.cdiv(n_outer, 32) * 2 * triton.cdiv(width, 768), n_inner, device)
     if wanted > 1:
         per_split, splits = _split_range(n_inner, wanted)
     if splits == 1:
@@ -525,7 +631,11 @@ def _launch_bwd(
         p = t = dp = x0
     dot_fp32, precision = _dot_options(dtype)
     n_weights = (lse_row is not None) + (lse_col is not None)
-    grid = lambda meta: (triton.cdiv(n_outer, meta["BLOCK_M"]), 2 * triton.cdiv(width, meta["BLOCK_DO"]), splits)
+    grid = lambda meta: (
+        triton.cdiv(n_outer, meta["BLOCK_M"]),
+        2 * triton.cdiv(width, meta["BLOCK_DO"] * meta["NUM_DO"]),
+        splits,
+    )
     _contrastive_distill_bwd_kernel[grid](
         x0, y0, x1, y1, dx0, dx1, logit_scale, grad_c, grad_d, lr0, lr1, lc0, lc1, dscale, p, t, dp,
         n_outer, n_inner, width, p.shape[1], diag_shift, per_split, n_slots,

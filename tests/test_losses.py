@@ -191,8 +191,13 @@ def test_work_count_and_split_counts_per_launch(monkeypatch):
 
     import kclip.kernels.contrastive_distill as cd
 
-    assert cd.gemm_equivalents(768) == {"forward": 2, "backward": 8, "total": 10, "minimal": 4}
-    assert cd.gemm_equivalents(512, 128)["total"] == 12
+    assert cd.gemm_equivalents(768) == {"forward": 2, "backward": 4, "total": 6, "minimal": 4}
+    assert cd.gemm_equivalents(768, 128, 3)["total"] == 8
+    assert cd.gemm_equivalents(768, 256, 1)["total"] == 10
+    assert cd.gemm_equivalents(512, 128, 1)["total"] == 12
+    # every backward configuration's group and the count it gives at D = 768
+    groups = {c.kwargs["BLOCK_DO"] * c.kwargs["NUM_DO"] for c in cd.BWD_CONFIGS_16 + cd.BWD_CONFIGS_16_SM90}
+    assert 768 in groups and all(1 <= c.kwargs["NUM_DO"] <= 4 for c in cd.BWD_CONFIGS_16 + cd.BWD_CONFIGS_32)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
         multi_processor_count=132))  # fmt: skip
     fwd_programs = triton.cdiv(2048, 128) * 2
