@@ -302,6 +302,45 @@ py::tuple tile_assign_host(const py::handle& x_obj, const py::handle& c_obj, int
   return py::make_tuple(labels, dist);
 }
 
+// The CUDA soft assignment's top-k selection, on the host: `threads` per-thread lists over strided entries of
+// each row (top_insert), merged by their heads with argmin_merge top_k times. Returns (indices int64 [n, top_k],
+// costs float32 [n, top_k]), -1 / inf where a row has fewer non-NaN entries.
+py::tuple topk_select_host(const py::handle& cost_obj, int top_k, int threads) {
+  py::array ca = host_array<float>(cost_obj, "cost", 2);
+  const int64_t n = ca.shape(0), k = ca.shape(1);
+  require(top_k >= 1 && top_k <= k, "top_k", "must be in [1, k]");
+  require(threads >= 1, "threads", "must be positive");
+  const float* cost = static_cast<const float*>(ca.data());
+  py::array_t<int64_t> idx({n, static_cast<int64_t>(top_k)});
+  py::array_t<float> val({n, static_cast<int64_t>(top_k)});
+  std::vector<float> lv(static_cast<size_t>(threads) * top_k);
+  std::vector<int32_t> lj(lv.size());
+  std::vector<int> size(threads), head(threads);
+  for (int64_t row = 0; row < n; ++row) {
+    for (int t = 0; t < threads; ++t) {
+      size[t] = head[t] = 0;
+      for (int64_t j = t; j < k; j += threads) {
+        kclip::top_insert(lv.data() + t * top_k, lj.data() + t * top_k, size[t], top_k, cost[row * k + j],
+                          static_cast<int32_t>(j));
+      }
+    }
+    for (int p = 0; p < top_k; ++p) {
+      kclip::ArgMin best = kclip::argmin_init();
+      for (int t = 0; t < threads; ++t) {
+        const kclip::ArgMin mine = head[t] < size[t] ? kclip::ArgMin{lv[t * top_k + head[t]], lj[t * top_k + head[t]]}
+                                                     : kclip::argmin_init();
+        best = kclip::argmin_merge(best, mine);
+      }
+      for (int t = 0; t < threads && best.index >= 0; ++t) {
+        if (head[t] < size[t] && lj[t * top_k + head[t]] == best.index) ++head[t];
+      }
+      idx.mutable_at(row, p) = best.index;
+      val.mutable_at(row, p) = best.index >= 0 ? best.value : INFINITY;
+    }
+  }
+  return py::make_tuple(idx, val);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -432,6 +471,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("centroids"), py::arg("temperature"), py::arg("top_k") = 0,
       "softmax(-||x - c||^2 / temperature): dense float32 [n, k], or (indices, weights) [n, top_k] renormalised.");
 
+  m.def("_topk_select_host", &topk_select_host, py::arg("cost"), py::arg("top_k"), py::arg("threads"),
+        "The CUDA soft assignment's per-thread top-k selection and head merge, on the host (for tests).");
   m.def("_tile_assign_host", &tile_assign_host, py::arg("x"), py::arg("centroids"), py::arg("tile_m"),
         py::arg("tile_n"), py::arg("lanes"),
         "Nearest centroid through the CUDA kernels' tile arithmetic, run on the host (for tests).");

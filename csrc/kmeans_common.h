@@ -50,4 +50,23 @@ KCLIP_HD ArgMin argmin_merge(ArgMin a, ArgMin b) {
   return argmin_update(a, b.value, b.index);
 }
 
+// Top-k selection in the order (value ascending, index ascending), NaN never kept. The CUDA soft assignment keeps
+// one such list per thread over the entries it strides through, then merges the lists' heads block-wide with
+// argmin_merge, top_k times: one read of the row instead of one per pick. kclip._C._topk_select_host runs the
+// same on the host for the tests.
+KCLIP_HD bool ranks_before(float a, int64_t ia, float b, int64_t ib) { return a < b || (a == b && ia < ib); }
+
+// Offers (value, index) to the sorted list v/j holding `size` of at most `cap` (>= 1) entries.
+KCLIP_HD void top_insert(float* v, int32_t* j, int& size, int cap, float value, int32_t index) {
+  if (value != value) return;
+  if (size == cap && !ranks_before(value, index, v[cap - 1], j[cap - 1])) return;
+  int s = size < cap ? size++ : cap - 1;
+  for (; s > 0 && ranks_before(value, index, v[s - 1], j[s - 1]); --s) {
+    v[s] = v[s - 1];
+    j[s] = j[s - 1];
+  }
+  v[s] = value;
+  j[s] = index;
+}
+
 }  // namespace kclip

@@ -490,9 +490,9 @@ __device__ __forceinline__ V block_reduce(V v, Op op, V* scratch) {
 // One block per row (grid-stride), threads strided over the k entries; nothing is cached between passes.
 //   Dense: pass 1 finds min cost, pass 2 sums exp(m - cost), pass 3 writes exp(m - cost) / sum. Each entry
 //   is written by the thread that reads it, after its last read, so dense_out may alias dist.
-//   Top-k: top_k block-wide argmins of cost, each restricted to entries ranking after the previous pick in
-//   the order (cost ascending, index ascending), which excludes every earlier pick without storing a list.
-//   Thread 0 then turns the picks (shared memory) into exp(m - cost) weights renormalised over the kept
+//   Top-k: each thread keeps its best top_k entries in the order (cost ascending, index ascending) while
+//   reading its share of the row once (top_insert, kmeans_common.h), then top_k block-wide argmins over the
+//   threads' list heads pick the row's best in that order (was: top_k passes over the row). Thread 0 then turns the picks (shared memory) into exp(m - cost) weights renormalised over the kept
 //   entries and orders them by descending weight, ties to the lower index. NaN costs are never picked; a row
 //   with fewer than top_k other entries gets index -1 / weight 0 in the missing slots.
 __global__ void __launch_bounds__(kSoftMaxThreads)
@@ -522,21 +522,24 @@ __global__ void __launch_bounds__(kSoftMaxThreads)
       continue;
     }
 
-    ArgMin prev{-INFINITY, -1};  // everything that is not NaN ranks after it
-    int kept = 0;
+    // Each thread's best top_k of its entries (one read of the row), then top_k block-wide argmins of the
+    // threads' heads: the winner's thread moves to its next entry.
+    float lv[kMaxTopK];
+    int32_t lj[kMaxTopK];
+    int size = 0;
+    for (int64_t j = tid; j < k; j += step) {
+      top_insert(lv, lj, size, top_k, cost_of(drow[j], inv_t), static_cast<int32_t>(j));
+    }
+    int head = 0, kept = 0;
     for (int t = 0; t < top_k; ++t) {
-      ArgMin best = argmin_init();
-      for (int64_t j = tid; j < k; j += step) {
-        const float v = cost_of(drow[j], inv_t);
-        if (v > prev.value || (v == prev.value && j > prev.index)) best = argmin_update(best, v, j);
-      }
-      best = block_reduce(best, ArgMinOp{}, ascratch);
+      const ArgMin mine = head < size ? ArgMin{lv[head], lj[head]} : argmin_init();
+      const ArgMin best = block_reduce(mine, ArgMinOp{}, ascratch);
       if (best.index < 0) break;  // only NaN left; block-uniform since every thread holds the same result
+      if (head < size && lj[head] == best.index) ++head;
       if (tid == 0) {
         pick_w[t] = best.value;
         pick_j[t] = best.index;
       }
-      prev = best;
       kept = t + 1;
     }
 

@@ -22,6 +22,9 @@ def cpu_kmeanspp(x: npt.NDArray[np.float32], k: int, seed: int, n_trials: int) -
 def cpu_soft_assign(
     x: npt.NDArray[np.float32], centroids: npt.NDArray[np.float32], temperature: float, top_k: int = 0
 ) -> npt.NDArray[np.float32] | tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+def _topk_select_host(
+    cost: npt.NDArray[np.float32], top_k: int, threads: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
 def _tile_assign_host(
     x: npt.NDArray[np.float32], centroids: npt.NDArray[np.float32], tile_m: int, tile_n: int, lanes: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...

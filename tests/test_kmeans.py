@@ -113,6 +113,28 @@ def test_assign_and_accumulate_match_reference(n, d, k):
     assert (torch.from_numpy(counts) == ref_counts).all()
 
 
+@pytest.mark.parametrize("threads", [1, 7, 32, 256])
+@pytest.mark.parametrize(("k", "top_k"), [(1, 1), (5, 5), (300, 1), (300, 16), (1000, 64)])
+def test_cuda_topk_selection_host_instantiation_matches_a_sort(threads, k, top_k):
+    """The CUDA soft assignment's selection (per-thread lists, then the heads merged) picks the top_k smallest
+    costs in the order (cost, index), with ties, infinities and NaN (never picked) in the rows."""
+    rng = np.random.default_rng(k + top_k + threads)
+    cost = rng.integers(0, 40, (6, k)).astype(np.float32)  # many ties
+    cost[1, ::3] = np.nan
+    cost[2, :] = np.nan
+    cost[2, k // 2] = 1.0
+    cost[3, ::2] = np.inf
+    idx, val = C._topk_select_host(cost, top_k, threads)
+    for row in range(cost.shape[0]):
+        finite = np.flatnonzero(~np.isnan(cost[row]))
+        order = finite[np.lexsort((finite, cost[row, finite]))][:top_k]
+        want = np.full(top_k, -1)
+        want[: len(order)] = order
+        assert (idx[row] == want).all(), (row, idx[row], want)
+        assert np.array_equal(val[row][: len(order)], cost[row, order])
+        assert (val[row][len(order) :] == np.inf).all()
+
+
 def test_precomputed_row_norms_give_the_same_bits():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((700, 300)).astype(np.float32)
