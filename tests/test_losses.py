@@ -454,6 +454,38 @@ def test_gpu_bf16_within_twice_pytorch(b, d):
         assert _max_err(g, w) <= 2 * _max_err(t, w) + 4 * EPS[torch.bfloat16] * (1 + w.abs().max().item())
 
 
+def _grouped_backward_configs():
+    import kclip.kernels.contrastive_distill as cd
+
+    configs = cd.BWD_CONFIGS_16 + cd.BWD_CONFIGS_16_SM90 + cd.BWD_CONFIGS_32
+    return [
+        pytest.param(c, id=str(c).split(", num_ctas")[0].replace(" ", "")) for c in configs if c.kwargs["NUM_DO"] > 1
+    ]
+
+
+@pytest.mark.parametrize("config", _grouped_backward_configs())
+def test_every_grouped_backward_configuration(config, monkeypatch):
+    """Each GPU configuration that accumulates several feature slices a program, forced (the autotuner would pick
+    one), at D = 768 and 700 (one or two groups, a partial last slice): on a GPU in bf16/fp32 at B = 1000, here
+    under the interpreter in fp16/fp32 at B = 40 (the interpreter multiplies no bf16 tiles)."""
+    import kclip.kernels.contrastive_distill as cd
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu and config in cd.BWD_CONFIGS_16_SM90 and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("an sm_90 configuration")
+    dtype = torch.float32 if config in cd.BWD_CONFIGS_32 else (torch.bfloat16 if on_gpu else torch.float16)
+    kernel = cd._contrastive_distill_bwd_kernel
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "early_config_prune", None)
+    for d in (768, 700):
+        inputs = _contrastive_case(1000 if on_gpu else 40, d, dtype, 100.0, e=64 if on_gpu else 16, device=DEVICE)
+        got, want, torch_ref = _run(inputs, "triton"), _reference64(inputs), _run(inputs, "reference")
+        assert kernel.best_config is config
+        for g, w, t in zip(got, want, torch_ref, strict=True):
+            assert _max_err(g, w) <= 2 * _max_err(t, w) + 4 * EPS[dtype] * (1 + w.abs().max().item())
+
+
 @pytest.mark.gpu
 def test_gpu_fp32_and_large_batch():
     inputs = _contrastive_case(16384, 512, torch.float32, 100.0, e=64, device="cuda")
