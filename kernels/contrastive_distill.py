@@ -460,26 +460,19 @@ def _contrastive_distill_bwd_kernel(
         if NUM_DO > 3:
             acc3 = _slice_dot(acc3, g, y_ptr, cols, col_mask, stride_y, dcols3, dmask3, DOT_FP32, INPUT_PRECISION)
 
-    slot0 = (direction * n_splits + pid_s).to(tl.int64) * N_DS_SLOTS
-    _store_slice(
-        acc0 * coef, first_slice, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER, DSCALE + slot0 * N_OUTER,
-        scale, pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, True,
-    )  # fmt: skip
+    # Triton has no lists of tensors: the group's accumulators are spelled out, each under its static condition.
+    ds_row = DSCALE + (direction * n_splits + pid_s).to(tl.int64) * N_DS_SLOTS * N_OUTER
+    _store_slice(acc0 * coef, first_slice, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER, ds_row, scale, pid_s,
+                 STORE_DSCALE, STORE_MODE, BLOCK_DO, True)  # fmt: skip
     if NUM_DO > 1:
-        _store_slice(
-            acc1 * coef, first_slice + 1, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER,
-            DSCALE + slot0 * N_OUTER, scale, pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, False,
-        )  # fmt: skip
+        _store_slice(acc1 * coef, first_slice + 1, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER, ds_row, scale,
+                     pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, False)  # fmt: skip
     if NUM_DO > 2:
-        _store_slice(
-            acc2 * coef, first_slice + 2, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER,
-            DSCALE + slot0 * N_OUTER, scale, pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, False,
-        )  # fmt: skip
+        _store_slice(acc2 * coef, first_slice + 2, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER, ds_row, scale,
+                     pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, False)  # fmt: skip
     if NUM_DO > 3:
-        _store_slice(
-            acc3 * coef, first_slice + 3, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER,
-            DSCALE + slot0 * N_OUTER, scale, pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, False,
-        )  # fmt: skip
+        _store_slice(acc3 * coef, first_slice + 3, x_ptr, stride_x, dx_ptr, rows, row_mask, D, N_OUTER, ds_row, scale,
+                     pid_s, STORE_DSCALE, STORE_MODE, BLOCK_DO, False)  # fmt: skip
 
     if HAS_DISTILL:
         if (direction == 0) & (d_group == 0) & (pid_s == 0):
