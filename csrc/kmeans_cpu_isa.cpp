@@ -10,7 +10,7 @@
 // vectors. Every (row, centroid) dot is summed in coordinate order whatever the blocking and the thread count,
 // so results are reproducible.
 //
-// Measured on 2 Zen 4 cores (a standalone harness timing assign_rows over 20k rows, K = 100): about 150 GFLOP/s
+// Measured on 2 Zen 4 cores (bench/kmeans_cpu_harness.cpp: assign_rows over 20k rows, K = 100): about 150 GFLOP/s
 // at D = 576 and at D = 4096, where numpy's OpenBLAS matmul of the same product reaches 150-160. Before the
 // packing below, row widths that are multiples of 1024 fell to 125 (D = 1024: 33.5 -> 29.5 ms; D = 4096: 116-137
 // -> 106-116 ms, interleaved runs).
