@@ -167,7 +167,8 @@ static void dist_rows(const float* x, int64_t n, const float* x_norm, const Pack
 
 // One running sum per lane instead of one per row: a single sum is a chain of dependent adds, latency-bound (at
 // 20k x 576 on two cores the Lloyd iteration that computed the norms so took 27-29 ms, the others 19-20; with
-// sixteen sums, 19-21 against 17). The order is fixed per row, so any thread count gives the same bits.
+// sixteen sums, 19-21 against 17: KMeans(...).fit(x).stats[i].seconds). The order is fixed per row, so any
+// thread count gives the same bits.
 static void sq_norms(const float* x, int64_t n, int64_t d, float* out) {
   for (int64_t i = 0; i < n; ++i) {
     const float* row = x + i * d;
