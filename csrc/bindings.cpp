@@ -366,7 +366,9 @@ PYBIND11_MODULE(_C, m) {
         }
         return out;
       },
-      py::arg("x"), "Squared norm of each row (float32 [n]), summed in coordinate order: x_norm for cpu_assign.");
+      py::arg("x"),
+      "Squared norm of each row (float32 [n]), sixteen partial sums a row added in a fixed order (the same bits for "
+      "any thread count): x_norm for cpu_assign.");
 
   m.def(
       "cpu_assign",

@@ -37,6 +37,7 @@ struct IsaKernels {
 };
 const IsaKernels& isa_kernels();  // the best this processor runs
 
+// ||x_i||^2 of every row (IsaKernels::sq_norms over OpenMP blocks of rows): the same bits for any thread count.
 void row_sq_norms(const float* x, int64_t n, int64_t d, float* out);
 
 // Nearest centroid per row; OpenMP over blocks of rows. Deterministic: each row's result depends only on it.
