@@ -2,7 +2,9 @@
 
 Providers (all fit the same points from the same initial centroids, with tol=0 and a fixed number of updates):
   CPU run:  kclip (kclip._C on the CPU), reference (kclip's pure-PyTorch reference), sklearn (Lloyd), faiss (faiss-cpu)
-  CUDA run: kclip (kclip._C's CUDA kernels), torch-chunked, faiss-gpu (where importable)
+  CUDA run: kclip (kclip._C's CUDA kernels), kclip-tile64 (the same with KCLIP_CUDA_TILE_ROWS=64: 16-bit distance
+            tiles of 64 rows, register-staged, where kclip takes 128-row cp.async tiles on enough rows), torch-chunked,
+            faiss-gpu (where importable)
 
 torch-chunked is the chunked PyTorch baseline (matmul + argmin + index_add over row chunks): kclip's reference
 steps (`kclip.cluster.reference.ReferenceOps(native=True)`, driven by kclip's own Lloyd loop) on CUDA tensors,
@@ -107,7 +109,10 @@ SHAPES: dict[str, list[Shape]] = {
     ],
 }
 DTYPES = {"cpu": ("float32",), "cuda": ("bfloat16", "float32")}
-PROVIDERS = {"cpu": ("kclip", "reference", "sklearn", "faiss"), "cuda": ("kclip", "torch-chunked", "faiss-gpu")}
+PROVIDERS = {
+    "cpu": ("kclip", "reference", "sklearn", "faiss"),
+    "cuda": ("kclip", "kclip-tile64", "torch-chunked", "faiss-gpu"),
+}
 REPEAT = {"smoke": 1, "cpu": 3, "cuda": 1}
 BUDGET_S = {"cuda": 140.0}  # the device check gives this script 180 s in all
 # A pause before each interleaved fit: thread pools spin on after their work (OpenBLAS's for ~0.1 s, libgomp's
@@ -165,6 +170,19 @@ def _kmeans_fit(device: str) -> Callable[[Any, np.ndarray, int], Fit]:
     return fit
 
 
+def _kclip_tile64_fit(x: Any, c0: np.ndarray, n_iter: int) -> Fit:
+    """kclip's CUDA fit with the 16-bit distance kernels held to 64-row tiles (kmeans_cuda.h, wmma_tile_rows)."""
+    before = os.environ.get("KCLIP_CUDA_TILE_ROWS")
+    os.environ["KCLIP_CUDA_TILE_ROWS"] = "64"
+    try:
+        return _kmeans_fit("cuda")(x, c0, n_iter)
+    finally:
+        if before is None:
+            del os.environ["KCLIP_CUDA_TILE_ROWS"]
+        else:
+            os.environ["KCLIP_CUDA_TILE_ROWS"] = before
+
+
 def _torch_chunked_fit(x: Any, c0: np.ndarray, n_iter: int) -> Fit:
     """kclip's Lloyd loop over the reference steps in the points' own dtype (module docstring)."""
     from kclip.cluster.kmeans import lloyd
@@ -220,6 +238,11 @@ def setup_provider(name: str, kind: str) -> Provider:
         return Provider(
             name, _kmeans_fit(kind), _omp_threads(), (lambda dtype: dtype) if kind == "cuda" else f32, lambda d: ""
         )
+    if name == "kclip-tile64":
+        if kind != "cuda":
+            raise Unavailable("the distance tile size is a choice of the CUDA kernels")
+        base = setup_provider("kclip", kind)
+        return dataclasses.replace(base, name=name, fit=_kclip_tile64_fit)
     if name == "reference":
         # KMeans(device="reference") follows the data: CPU tensors on the CPU run.
         return Provider(name, _kmeans_fit("reference"), torch.get_num_threads() if kind == "cpu" else None, f32)

@@ -475,6 +475,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("_topk_select_host", &topk_select_host, py::arg("cost"), py::arg("top_k"), py::arg("threads"),
         "The CUDA soft assignment's per-thread top-k selection and head merge, on the host (for tests).");
+  m.def("_wmma_tile_rows", &kclip::cuda::wmma_tile_rows, py::arg("n"), py::arg("vec"), py::arg("sms"),
+        py::arg("forced"),
+        "Rows per block the 16-bit CUDA distance kernels take (64 or 128), by the rule in kmeans_cuda.h (for tests).");
   m.def("_tile_assign_host", &tile_assign_host, py::arg("x"), py::arg("centroids"), py::arg("tile_m"),
         py::arg("tile_n"), py::arg("lanes"),
         "Nearest centroid through the CUDA kernels' tile arithmetic, run on the host (for tests).");

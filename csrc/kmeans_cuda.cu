@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -47,7 +48,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 // ---------------------------------------------------------------------------------------------------------
 // Distance tiles. A block owns kBM rows of x and walks over all centroids in tiles of kBN; each centroid tile
 // is a small GEMM over d in slices of kBK, staged through shared memory with register prefetch (the next slice
-// is read from global memory while the current one is multiplied, so one barrier per slice suffices). A
+// is read from global memory while the current one is multiplied, so one barrier per slice suffices), or, for
+// 16-bit rows of 16-byte multiples, copied by cp.async into a ring of slices (AsyncWmmaMainloop). A
 // mainloop policy computes the kBM x kBN dot tile and hands every thread a kTM x kTN grid of (row, column,
 // dot) values; an epilogue policy turns them into distances and either folds them into a running argmin per
 // row (assign) or stores them (distances).
@@ -292,6 +294,144 @@ struct WmmaMainloop {
     }
 
     // The barrier ending the last step retired the slice buffers that the staging tile overwrites.
+#pragma unroll
+    for (int fm = 0; fm < 2; ++fm) {
+#pragma unroll
+      for (int fn = 0; fn < 2; ++fn) {
+        wmma::store_matrix_sync(&sm.u.stage[wm + fm * kFrag][wn + fn * kFrag], acc[fm][fn], kLdStage,
+                                wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+  }
+};
+
+// Asynchronous global-to-shared copies (sm_80+): 16 bytes a thread, zero-filled where `full` is false (the
+// source is then not read, but must still be a valid address). A commit closes the group of copies issued since
+// the last one; wait<N> returns once at most N of this thread's groups are still in flight.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool full) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(full ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// fp16 / bf16 mainloop for rows of 16-byte multiples (TileArgs::vec): a 128 x 64 tile, kBK = 32, 256 threads =
+// 8 warps as 4 x 2, each warp a 32 x 32 quarter of 2 x 2 fragments as in WmmaMainloop, but the slices travel by
+// cp.async into a ring of kStages shared buffers, so kStages - 1 slices are in flight while one is multiplied and
+// no registers hold a slice on its way. Twice the rows per centroid tile read from L2 as WmmaMainloop.
+// Buffer discipline, step s: wait until slice s has landed (this thread's copies), barrier (everyone's copies
+// visible; everyone has finished step s - 1, whose buffer the copies issued next overwrite), issue slice
+// s + kStages - 1, multiply slice s. A commit follows every issue, empty or not, so wait<kStages - 2> always
+// means "slice s has landed". The staging tile of the epilogue (same layout as WmmaMainloop's) aliases the ring.
+template <typename ElemT>
+struct AsyncWmmaMainloop {
+  using T = ElemT;
+  static constexpr int kBM = 128, kBN = 64, kBK = 32, kThreads = 256, kStages = 3;
+  static constexpr int kTM = 4, kTN = 8;
+  static constexpr int kRowLanes = 8;   // lanes sharing a row: the 8 cg of one rg, lanes aligned to 8
+  static constexpr int kMinBlocks = 2;  // per SM, i.e. at most 128 registers per thread
+  static constexpr int kLdIn = kBK + 8;
+  static constexpr int kLdStage = kBN + 8;
+  static constexpr int kFrag = 16;
+  // The copy map: the same runs of kVec elements as TileLoader's (each run is 16 bytes of one row).
+  using XRuns = TileLoader<T, kBM, kBK, kThreads>;
+  using CRuns = TileLoader<T, kBN, kBK, kThreads>;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
+  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+  struct __align__(32) Smem {
+    union {
+      struct {
+        T xs[kStages][kBM][kLdIn];
+        T cs[kStages][kBN][kLdIn];
+      } in;
+      float stage[kBM][kLdStage];
+    } u;
+    float x_norm[kBM];
+    float c_norm[kBN];
+  };
+  static_assert(sizeof(Smem) <= 48 * 1024, "static shared memory is capped at 48 KB");
+
+  FragC acc[2][2];
+
+  KCLIP_HD static int thread_row(int tid, int i) { return tid / 8 + 32 * i; }
+  KCLIP_HD static int thread_col(int tid, int j) { return tid % 8 + 8 * j; }
+  __device__ __forceinline__ float dot(const Smem& sm, int tid, int i, int j) const {
+    return sm.u.stage[thread_row(tid, i)][thread_col(tid, j)];
+  }
+
+  // Slice [k0, k0 + kBK) of the block's x rows and of the centroid tile into ring buffer `buf`. With vec, d is a
+  // multiple of kVec, so a run is wholly inside the row or wholly past it.
+  __device__ __forceinline__ static void issue(Smem& sm, int buf, const T* xt, int64_t rows, const T* ct,
+                                               int64_t cols, int64_t d, int64_t k0, int tid) {
+#pragma unroll
+    for (int r = 0; r < XRuns::kPerThread; ++r) {
+      const int rr = XRuns::row(tid, r), cc = XRuns::col(tid, r);
+      const bool in = rr < rows && k0 + cc < d;
+      cp_async16(&sm.u.in.xs[buf][rr][cc], in ? xt + rr * d + k0 + cc : xt, in);
+    }
+#pragma unroll
+    for (int r = 0; r < CRuns::kPerThread; ++r) {
+      const int rr = CRuns::row(tid, r), cc = CRuns::col(tid, r);
+      const bool in = rr < cols && k0 + cc < d;
+      cp_async16(&sm.u.in.cs[buf][rr][cc], in ? ct + rr * d + k0 + cc : ct, in);
+    }
+  }
+
+  __device__ __forceinline__ void run(Smem& sm, const TileArgs<T>& p, int64_t row0, int64_t rows, int64_t col0,
+                                      int64_t cols, int tid) {
+    namespace wmma = nvcuda::wmma;
+    const T* xt = p.x + row0 * p.d;
+    const T* ct = p.c + col0 * p.d;
+    const int64_t steps = tile_count(p.d, kBK);
+    const int warp = tid / 32;
+    const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+
+    if (tid < kBN) sm.c_norm[tid] = tid < cols ? p.c_norm[col0 + tid] : 0.0f;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < steps) issue(sm, s, xt, rows, ct, cols, p.d, s * kBK, tid);
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int fm = 0; fm < 2; ++fm) {
+#pragma unroll
+      for (int fn = 0; fn < 2; ++fn) wmma::fill_fragment(acc[fm][fn], 0.0f);
+    }
+
+    for (int64_t s = 0; s < steps; ++s) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      const int64_t next = s + kStages - 1;
+      if (next < steps) issue(sm, static_cast<int>(next % kStages), xt, rows, ct, cols, p.d, next * kBK, tid);
+      cp_async_commit();
+      const int buf = static_cast<int>(s % kStages);
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += kFrag) {
+        FragA a[2];
+        FragB b[2];
+#pragma unroll
+        for (int f = 0; f < 2; ++f) {
+          wmma::load_matrix_sync(a[f], &sm.u.in.xs[buf][wm + f * kFrag][kk], kLdIn);
+          wmma::load_matrix_sync(b[f], &sm.u.in.cs[buf][wn + f * kFrag][kk], kLdIn);
+        }
+#pragma unroll
+        for (int fm = 0; fm < 2; ++fm) {
+#pragma unroll
+          for (int fn = 0; fn < 2; ++fn) wmma::mma_sync(acc[fm][fn], a[fm], b[fn], acc[fm][fn]);
+        }
+      }
+    }
+
+    // Only empty groups can be in flight now; the barrier retires the ring that the staging tile overwrites.
+    cp_async_wait<0>();
+    __syncthreads();
 #pragma unroll
     for (int fm = 0; fm < 2; ++fm) {
 #pragma unroll
@@ -593,16 +733,36 @@ void check_sizes(const char* fn, int64_t n, int64_t d, int64_t k) {
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 template <class ML, template <int> class Epi>
-void launch_tiles(const void* x, const void* c, const float* c_norm, int64_t n, int64_t d, int64_t k,
+void launch_tiles(const void* x, const void* c, const float* c_norm, int64_t n, int64_t d, int64_t k, bool vec,
                   const typename Epi<ML::kTM>::Args& epi_args, cudaStream_t stream, const char* kernel) {
   using T = typename ML::T;
   const int64_t blocks = tile_count(n, ML::kBM);
   if (blocks > INT_MAX) throw std::invalid_argument(std::string("kclip.cuda: too many rows for ") + kernel);
-  constexpr int64_t vec = 16 / sizeof(T);
-  const TileArgs<T> p{static_cast<const T*>(x), static_cast<const T*>(c), c_norm, n, d, k,
-                      d % vec == 0 && aligned16(x) && aligned16(c)};
+  const TileArgs<T> p{static_cast<const T*>(x), static_cast<const T*>(c), c_norm, n, d, k, vec};
   distance_tile_kernel<ML, Epi><<<static_cast<unsigned>(blocks), ML::kThreads, 0, stream>>>(p, epi_args);
   check_launch(kernel);
+}
+
+int multiprocessor_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
+                                                cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return sms;
+}
+
+template <typename T, template <int> class Epi, class Args>
+void launch_wmma(const void* x, const void* c, const float* c_norm, int64_t n, int64_t d, int64_t k, const Args& args,
+                 cudaStream_t s, const std::string& name) {
+  const bool vec = d % 8 == 0 && aligned16(x) && aligned16(c);
+  const char* forced = std::getenv("KCLIP_CUDA_TILE_ROWS");
+  if (wmma_tile_rows(n, vec, multiprocessor_count(), forced ? forced : "") == 128) {
+    return launch_tiles<AsyncWmmaMainloop<T>, Epi>(x, c, c_norm, n, d, k, vec, args, s,
+                                                   (name + " wmma 128x64 cp.async>").c_str());
+  }
+  launch_tiles<WmmaMainloop<T>, Epi>(x, c, c_norm, n, d, k, vec, args, s, (name + " wmma 64x64>").c_str());
 }
 
 template <template <int> class Epi, class Args>
@@ -612,12 +772,12 @@ void dispatch_tiles(const void* x, const void* c, const float* c_norm, DType dt,
   const std::string name = std::string("distance_tile_kernel<") + fn;
   switch (dt) {
     case DType::f32:
-      return launch_tiles<SimtMainloop, Epi>(x, c, c_norm, n, d, k, args, s, (name + ", f32 FFMA>").c_str());
+      return launch_tiles<SimtMainloop, Epi>(x, c, c_norm, n, d, k, d % 4 == 0 && aligned16(x) && aligned16(c), args,
+                                             s, (name + ", f32 FFMA>").c_str());
     case DType::f16:
-      return launch_tiles<WmmaMainloop<__half>, Epi>(x, c, c_norm, n, d, k, args, s, (name + ", f16 wmma>").c_str());
+      return launch_wmma<__half, Epi>(x, c, c_norm, n, d, k, args, s, name + ", f16");
     case DType::bf16:
-      return launch_tiles<WmmaMainloop<__nv_bfloat16>, Epi>(x, c, c_norm, n, d, k, args, s,
-                                                            (name + ", bf16 wmma>").c_str());
+      return launch_wmma<__nv_bfloat16, Epi>(x, c, c_norm, n, d, k, args, s, name + ", bf16");
   }
   throw std::invalid_argument(std::string("kclip.cuda.") + fn + ": unknown dtype");
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 namespace kclip::cuda {
@@ -23,6 +24,20 @@ DeviceStatus device_status();
 // the runtime does not know; and the calling thread's current device (-1 when there is none). Never throw.
 int pointer_device(const void* p);
 int current_device();
+
+// Rows per block of the 16-bit distance kernels (assign, distances): 128 (cp.async into a 3-slice ring) needs
+// 16-byte rows (`vec`: d a multiple of 8, both arrays 16-byte aligned) and pays off once its blocks fill two waves
+// of the `sms` multiprocessors at two blocks each; otherwise 64 (register-staged). `forced` is the value of the
+// environment variable KCLIP_CUDA_TILE_ROWS: empty or "auto" for that rule, "64" or "128" to choose (128 without
+// `vec` still takes 64, which reads any width). Host code, so the tests can check the rule without a GPU.
+inline int wmma_tile_rows(int64_t n, bool vec, int sms, const std::string& forced) {
+  if (forced != "" && forced != "auto" && forced != "64" && forced != "128") {
+    throw std::invalid_argument("KCLIP_CUDA_TILE_ROWS='" + forced + "': expected auto, 64 or 128");
+  }
+  if (!vec || forced == "64") return 64;
+  if (forced == "128") return 128;
+  return (n + 127) / 128 >= 4 * static_cast<int64_t>(sms > 0 ? sms : 1) ? 128 : 64;
+}
 
 // Nearest centroid of every row of x.
 //   x [n, d] and c [k, d], both of dtype `dt`, row-major and contiguous; c_norm [k] fp32 holds ||c_j||^2

@@ -187,6 +187,21 @@ def test_cuda_tile_arithmetic_host_instantiation_matches_reference(tile_m, tile_
     torch.testing.assert_close(torch.from_numpy(dist).double(), ref_dist, rtol=1e-4, atol=1e-4)
 
 
+def test_cuda_16bit_tile_rule():
+    """128-row tiles (cp.async) only for 16-byte rows and at least two waves of them (4 blocks an SM); 64 otherwise;
+    KCLIP_CUDA_TILE_ROWS chooses, and a bad value is refused by name."""
+    sms = 132
+    assert C._wmma_tile_rows(128 * 4 * sms, True, sms, "") == 128
+    assert C._wmma_tile_rows(128 * 4 * sms - 128, True, sms, "auto") == 64
+    assert C._wmma_tile_rows(10**7, False, sms, "") == 64  # rows not 16-byte multiples: cp.async cannot copy them
+    assert C._wmma_tile_rows(10, True, sms, "128") == 128
+    assert C._wmma_tile_rows(10, False, sms, "128") == 64
+    assert C._wmma_tile_rows(10**7, True, sms, "64") == 64
+    assert C._wmma_tile_rows(10**6, True, 0, "") == 128  # an unknown SM count counts as one
+    with pytest.raises(ValueError, match="KCLIP_CUDA_TILE_ROWS='96'"):
+        C._wmma_tile_rows(10, True, sms, "96")
+
+
 @pytest.mark.parametrize("top_k", [None, 1, 3, 37])
 @pytest.mark.parametrize("temperature", [0.05, 1.0, 30.0])
 def test_soft_assign_matches_reference(top_k, temperature):
@@ -437,8 +452,12 @@ def test_reference_native_mode_computes_in_the_input_dtype():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_matches_cpu(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "tile_rows"),
+    [(torch.float32, "auto"), (torch.float16, "64"), (torch.float16, "128"), (torch.bfloat16, "auto")],
+)
+def test_cuda_matches_cpu(monkeypatch, dtype, tile_rows):
+    monkeypatch.setenv("KCLIP_CUDA_TILE_ROWS", tile_rows)
     x = blobs(50_000, 64, 100, seed=21)
     c0 = initial_centroids(x, 100)
     xd = torch.from_numpy(x).to("cuda", dtype)
@@ -476,11 +495,17 @@ def test_cuda_kernels_match_reference_on_odd_shapes(n, d, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile_rows", ["64", "128"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("n", "d", "k"), [(37, 3, 5), (1000, 13, 129), (4099, 77, 300), (2048, 4099, 64)])
-def test_cuda_tensor_core_path_with_d_not_a_multiple_of_8(dtype, n, d, k):
+@pytest.mark.parametrize(
+    ("n", "d", "k"),
+    [(37, 3, 5), (1000, 13, 129), (4099, 77, 300), (2048, 4099, 64), (1, 8, 1), (300, 40, 65), (4099, 4104, 130)],
+)
+def test_cuda_tensor_core_path_with_d_not_a_multiple_of_8(monkeypatch, tile_rows, dtype, n, d, k):
     """The WMMA distance path (16-bit inputs) loads tiles 8 or 16 coordinates wide: a width that is not a multiple
-    of 8 must be padded, not read past the row."""
+    of 8 must be padded, not read past the row. Both tile sizes forced in turn: 128 rows (cp.async ring) where d is
+    a multiple of 8, with partial row, centroid and coordinate tiles; 64 rows otherwise."""
+    monkeypatch.setenv("KCLIP_CUDA_TILE_ROWS", tile_rows)
     torch.manual_seed(n + d + k)
     x = torch.randn(n, d, device="cuda").to(dtype)
     c = torch.randn(k, d, device="cuda").to(dtype)
@@ -492,6 +517,20 @@ def test_cuda_tensor_core_path_with_d_not_a_multiple_of_8(dtype, n, d, k):
     assert (labels >= 0).all() and torch.isfinite(dist).all()
     assert (labels == ref_labels).float().mean() >= 0.99
     torch.testing.assert_close(dist.double(), ref_dist, rtol=2e-2, atol=2e-2 * d)
+    full = torch.full((n, k), float("nan"), device="cuda")
+    C.cuda_distances(x, c, c_norm, full, torch.cuda.current_stream().cuda_stream)
+    ref_full = torch.cdist(x.double(), c.double()).square()
+    torch.testing.assert_close(full.double(), ref_full, rtol=2e-2, atol=2e-2 * d)
+
+
+@pytest.mark.gpu
+def test_cuda_tile_rows_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("KCLIP_CUDA_TILE_ROWS", "big")
+    x = torch.randn(16, 8, device="cuda", dtype=torch.float16)
+    labels = torch.empty(16, dtype=torch.int64, device="cuda")
+    dist = torch.empty(16, device="cuda")
+    with pytest.raises(ValueError, match="KCLIP_CUDA_TILE_ROWS='big'"):
+        C.cuda_assign(x, x, x.float().square().sum(1), labels, dist, torch.cuda.current_stream().cuda_stream)
 
 
 @pytest.mark.gpu
