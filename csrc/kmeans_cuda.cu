@@ -357,6 +357,10 @@ struct AsyncWmmaMainloop {
     float c_norm[kBN];
   };
   static_assert(sizeof(Smem) <= 48 * 1024, "static shared memory is capped at 48 KB");
+  static_assert(kLdIn * sizeof(T) % 16 == 0, "cp.async destinations: rows of the ring must stay 16-byte aligned");
+  static_assert(kFrag * kLdIn * sizeof(T) % 32 == 0 && sizeof(T[kStages][kBM][kLdIn]) % 32 == 0 &&
+                    kFrag * sizeof(T) % 32 == 0,
+                "wmma fragment origins in the ring must be 32-byte aligned");
 
   FragC acc[2][2];
 
@@ -756,7 +760,9 @@ int multiprocessor_count() {
 template <typename T, template <int> class Epi, class Args>
 void launch_wmma(const void* x, const void* c, const float* c_norm, int64_t n, int64_t d, int64_t k, const Args& args,
                  cudaStream_t s, const std::string& name) {
-  const bool vec = d % 8 == 0 && aligned16(x) && aligned16(c);
+  const bool vec = d % 8 == 0 && aligned16(x) && aligned16(c);  // AsyncWmmaMainloop's copies need it
+  // Read at every launch, so a test or a benchmark can switch it between calls; the bindings hold the GIL here,
+  // so Python's os.environ writes cannot race the read.
   const char* forced = std::getenv("KCLIP_CUDA_TILE_ROWS");
   if (wmma_tile_rows(n, vec, multiprocessor_count(), forced ? forced : "") == 128) {
     return launch_tiles<AsyncWmmaMainloop<T>, Epi>(x, c, c_norm, n, d, k, vec, args, s,

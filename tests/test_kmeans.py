@@ -454,7 +454,7 @@ def test_reference_native_mode_computes_in_the_input_dtype():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("dtype", "tile_rows"),
-    [(torch.float32, "auto"), (torch.float16, "64"), (torch.float16, "128"), (torch.bfloat16, "auto")],
+    [(torch.float32, "auto"), (torch.float16, "64"), (torch.float16, "128"), (torch.bfloat16, "128")],
 )
 def test_cuda_matches_cpu(monkeypatch, dtype, tile_rows):
     monkeypatch.setenv("KCLIP_CUDA_TILE_ROWS", tile_rows)
@@ -499,7 +499,16 @@ def test_cuda_kernels_match_reference_on_odd_shapes(n, d, k):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     ("n", "d", "k"),
-    [(37, 3, 5), (1000, 13, 129), (4099, 77, 300), (2048, 4099, 64), (1, 8, 1), (300, 40, 65), (4099, 4104, 130)],
+    [
+        (37, 3, 5),
+        (1000, 13, 129),
+        (4099, 77, 300),
+        (2048, 4099, 64),
+        (1, 8, 1),
+        (300, 40, 65),
+        (517, 96, 70),
+        (4099, 4104, 130),
+    ],
 )
 def test_cuda_tensor_core_path_with_d_not_a_multiple_of_8(monkeypatch, tile_rows, dtype, n, d, k):
     """The WMMA distance path (16-bit inputs) loads tiles 8 or 16 coordinates wide: a width that is not a multiple
