@@ -10,10 +10,11 @@
 // vectors. Every (row, centroid) dot is summed in coordinate order whatever the blocking and the thread count,
 // so results are reproducible.
 //
-// Measured on 2 Zen 4 cores (bench/kmeans_cpu_harness.cpp: assign_rows over 20k rows, K = 100): about 150 GFLOP/s
-// at D = 576 and at D = 4096, where numpy's OpenBLAS matmul of the same product reaches 150-160. Before the
-// packing below, row widths that are multiples of 1024 fell to 125 (D = 1024: 33.5 -> 29.5 ms; D = 4096: 116-137
-// -> 106-116 ms, interleaved runs).
+// Measured on 2 Zen 4 cores (bench/kmeans_cpu_harness.cpp: assign_rows over 20k rows, K = 100): about 170 GFLOP/s
+// at D = 576 and at D = 4096 (13.5-13.8 ms, 95 ms), where numpy's OpenBLAS matmul of the same product reaches
+// 140-160. Before the packing below, row widths that are multiples of 1024 fell to 125 (D = 1024: 33.5 -> 29.5
+// ms; D = 4096: 116-137 -> 106-116 ms, interleaved runs); before the in-place reads lost their run-time copy test
+// and the last panel its 8-lane form, D = 576 took 16.3-16.4 ms and D = 4096 102-104 (interleaved runs).
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -24,36 +25,59 @@
 namespace kclip::cpu::KCLIP_ISA_NS {
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
 constexpr int MR = KCLIP_MR;
 constexpr int NP = KCLIP_NP;
 constexpr int64_t kRows = 192;   // rows per block (a multiple of every MR)
 constexpr int64_t kDepth = 256;  // coordinates per slice: a 16 KB panel slice
 
-// dots[q * MR + r] += x[r][0:depth] . panels[q][0:depth][0:16] for the MR rows and P panels of a micro-tile.
-// IN_PLACE: the rows come from `rows` (MR pointers), and are also copied, coordinate-major, to xp[j * MR + r]
-// when xp is given; else they come from xp, so the later panels of a slice read one stream instead of MR.
-template <int P, bool IN_PLACE>
+// Where a micro-tile reads its rows: in place through MR row pointers (kInPlace), the same while copying them
+// coordinate-major to xp[j * MR + r] (kCopy), or from that copy (kPacked), so that the later panels of a slice
+// read one stream instead of MR. kInPlace is apart from kCopy so its loads fold into the broadcasts (with a
+// run-time test for the copy, each row value took a scalar load, a broadcast and a branch).
+enum class Src { kInPlace, kCopy, kPacked };
+
+// dots[q * MR + r] += x[r][0:depth] . panels[q][0:depth][0:16] for the MR rows and P panels of a micro-tile, in
+// vectors V of 16 lanes, or of 8 for a last panel of at most 8 centroids (k % 16 in 1..8; K = 100 leaves 4):
+// half the multiply-adds where a 16-lane operation costs two 8-lane ones, as on Zen 4. The lanes are the same
+// operations in the same order either way, so the bits are the same; the upper lanes of dots then stay as they
+// came (zero), and their distances are +inf through the panel's norms.
+template <typename V, int P, Src S>
 static inline void micro_tile(const float* const* rows, float* xp, const float* const* panels, int64_t depth,
                               v16* dots) {
-  v16 a[P][MR];
+  V a[P][MR];
   for (int q = 0; q < P; ++q)
-    for (int r = 0; r < MR; ++r) a[q][r] = dots[q * MR + r];
+    for (int r = 0; r < MR; ++r) std::memcpy(&a[q][r], &dots[q * MR + r], sizeof(V));
   for (int64_t j = 0; j < depth; ++j) {
-    v16 p[P];
-    for (int q = 0; q < P; ++q) std::memcpy(&p[q], panels[q] + j * kPanel, sizeof(v16));
+    V p[P];
+    for (int q = 0; q < P; ++q) std::memcpy(&p[q], panels[q] + j * kPanel, sizeof(V));
     for (int r = 0; r < MR; ++r) {
       float xv;
-      if constexpr (IN_PLACE) {
-        xv = rows[r][j];
-        if (xp != nullptr) xp[j * MR + r] = xv;
-      } else {
+      if constexpr (S == Src::kPacked) {
         xv = xp[j * MR + r];
+      } else {
+        xv = rows[r][j];
+        if constexpr (S == Src::kCopy) xp[j * MR + r] = xv;
       }
       for (int q = 0; q < P; ++q) a[q][r] += xv * p[q];
     }
   }
   for (int q = 0; q < P; ++q)
-    for (int r = 0; r < MR; ++r) dots[q * MR + r] = a[q][r];
+    for (int r = 0; r < MR; ++r) std::memcpy(&dots[q * MR + r], &a[q][r], sizeof(V));
+}
+
+// The micro-tile for P panels of V vectors, reading its rows as `src` says.
+template <typename V, int P>
+static inline void micro_tile(Src src, const float* const* rows, float* xp, const float* const* panels,
+                              int64_t depth, v16* dots) {
+  switch (src) {
+    case Src::kInPlace:
+      return micro_tile<V, P, Src::kInPlace>(rows, xp, panels, depth, dots);
+    case Src::kCopy:
+      return micro_tile<V, P, Src::kCopy>(rows, xp, panels, depth, dots);
+    case Src::kPacked:
+      return micro_tile<V, P, Src::kPacked>(rows, xp, panels, depth, dots);
+  }
 }
 
 // sq_dist_from_dot (kmeans_common.h), sixteen lanes at a time: the same operations in the same order.
@@ -84,6 +108,7 @@ static inline void for_each_panel(const float* x, int64_t n, const float* x_norm
       const bool first = j0 == 0, last = j0 + depth == d;
       for (int64_t p0 = 0; p0 < c.panels; p0 += NP) {
         const int64_t np = c.panels - p0 < NP ? c.panels - p0 : NP;
+        const bool half = np == 1 && c.k - p0 * kPanel <= kPanel / 2;  // the last panel, at most 8 centroids
         const float* slices[NP];
         v16 cn[NP];
         for (int q = 0; q < np; ++q) {
@@ -96,21 +121,19 @@ static inline void for_each_panel(const float* x, int64_t n, const float* x_norm
           for (int r = 0; r < MR; ++r)
             for (int64_t q = 0; q < np; ++q)
               acc[q * MR + r] = first ? v16{} : dots[(p0 + q) * kRows + r0 + (r < mr ? r : 0)];
-          // Missing rows of the last micro-tile repeat its first row (their results are dropped). A last step with fewer panels runs
-          // the one-panel tile (k-means++ scores one centroid at a time).
+          // Missing rows of the last micro-tile repeat its first row (their results are dropped). A last step with
+          // fewer panels runs the one-panel tile, or its 8-lane half for a last panel of at most 8 centroids
+          // (k-means++ scores one centroid, then 2 + ln k candidates, at a time).
           const float* rows[MR];
           for (int r = 0; r < MR; ++r) rows[r] = x + (b0 + r0 + (r < mr ? r : 0)) * d + j0;
           float* tile = pack ? xp.data() + r0 * depth : nullptr;
-          if (np == NP) {
-            if (p0 == 0 || !pack) {
-              micro_tile<NP, true>(rows, tile, slices, depth, acc);
-            } else {
-              micro_tile<NP, false>(rows, tile, slices, depth, acc);
-            }
-          } else if (p0 == 0 || !pack) {
-            micro_tile<1, true>(rows, tile, slices, depth, acc);
+          const Src src = !pack ? Src::kInPlace : p0 == 0 ? Src::kCopy : Src::kPacked;
+          if (half) {
+            micro_tile<v8, 1>(src, rows, tile, slices, depth, acc);
+          } else if (np == NP) {
+            micro_tile<v16, NP>(src, rows, tile, slices, depth, acc);
           } else {
-            micro_tile<1, false>(rows, tile, slices, depth, acc);
+            micro_tile<v16, 1>(src, rows, tile, slices, depth, acc);
           }
           // The last slice turns its dots into distances straight from the registers (the only slice when
           // d <= kDepth); earlier slices park partial dots in dots[].
