@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -21,18 +22,27 @@ extern const IsaKernels avx2_kernels;
 extern const IsaKernels avx512_kernels;
 #endif
 
+// The widest variant this CPU runs, or the one KCLIP_CPU_ISA names (avx512, avx2, generic), so the narrower
+// variants can be tested and timed on a machine that would not pick them; chosen once per process.
 const IsaKernels& isa_kernels() {
-#if defined(KCLIP_HAVE_X86_ISA)
   static const IsaKernels& chosen = []() -> const IsaKernels& {
+    std::vector<const IsaKernels*> runnable;
+#if defined(KCLIP_HAVE_X86_ISA)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return avx512_kernels;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2_kernels;
-    return generic_kernels;
+    if (__builtin_cpu_supports("avx512f")) runnable.push_back(&avx512_kernels);
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) runnable.push_back(&avx2_kernels);
+#endif
+    runnable.push_back(&generic_kernels);
+    const char* forced = std::getenv("KCLIP_CPU_ISA");
+    if (forced == nullptr || *forced == '\0') return *runnable.front();
+    std::string names;
+    for (const IsaKernels* k : runnable) {
+      if (std::string(k->name) == forced) return *k;
+      names += std::string(names.empty() ? "" : ", ") + k->name;
+    }
+    throw std::invalid_argument(std::string("KCLIP_CPU_ISA='") + forced + "': this CPU runs " + names);
   }();
   return chosen;
-#else
-  return generic_kernels;
-#endif
 }
 
 namespace {

@@ -17,6 +17,7 @@
 // and the last panel its 8-lane form, D = 576 took 16.3-16.4 ms and D = 4096 102-104 (interleaved runs).
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kmeans_common.h"
@@ -26,6 +27,19 @@ namespace kclip::cpu::KCLIP_ISA_NS {
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16), aligned(4)));
+// The micro-tile's vectors are the instruction set's own width: GCC lowers a 16-lane vector without AVX-512 into
+// halves that go through the stack at every operation (the AVX2 build took 115-130 ms for 20k x 576 x 100, the
+// AVX-512 one 14), so there a panel's 16 lanes are two (AVX2) or four (SSE) registers.
+#if defined(__AVX512F__)
+using vnative = v16;
+#elif defined(__AVX__)
+using vnative = v8;
+#else
+using vnative = v4;
+#endif
+// A last panel of at most 8 centroids: 8 lanes, in registers of at most 8.
+using vhalf = std::conditional_t<sizeof(vnative) >= sizeof(v8), v8, v4>;
 constexpr int MR = KCLIP_MR;
 constexpr int NP = KCLIP_NP;
 constexpr int64_t kRows = 192;   // rows per block (a multiple of every MR)
@@ -37,20 +51,24 @@ constexpr int64_t kDepth = 256;  // coordinates per slice: a 16 KB panel slice
 // run-time test for the copy, each row value took a scalar load, a broadcast and a branch).
 enum class Src { kInPlace, kCopy, kPacked };
 
-// dots[q * MR + r] += x[r][0:depth] . panels[q][0:depth][0:16] for the MR rows and P panels of a micro-tile, in
-// vectors V of 16 lanes, or of 8 for a last panel of at most 8 centroids (k % 16 in 1..8; K = 100 leaves 4):
-// half the multiply-adds where a 16-lane operation costs two 8-lane ones, as on Zen 4. The lanes are the same
-// operations in the same order either way, so the bits are the same; the upper lanes of dots then stay as they
-// came (zero), and their distances are +inf through the panel's norms.
-template <typename V, int P, Src S>
+// dots[q * MR + r] += x[r][0:depth] . panels[q][0:depth][0:LANES] for the MR rows and P panels of a micro-tile,
+// each panel's first LANES lanes as LANES / (lanes of V) vectors V. LANES is 16, or 8 for a last panel of at most
+// 8 centroids (k % 16 in 1..8; K = 100 leaves 4): half the multiply-adds. Every lane is the same operations in the
+// same order whatever V and LANES, so the bits are the same; lanes past LANES stay as they came (zero), and their
+// distances are +inf through the panel's norms.
+template <typename V, int LANES, int P, Src S>
 static inline void micro_tile(const float* const* rows, float* xp, const float* const* panels, int64_t depth,
                               v16* dots) {
-  V a[P][MR];
+  constexpr int L = sizeof(V) / sizeof(float), H = LANES / L;
+  static_assert(LANES % L == 0 && LANES <= kPanel, "a panel's lanes must split into whole vectors");
+  V a[P][H][MR];
   for (int q = 0; q < P; ++q)
-    for (int r = 0; r < MR; ++r) std::memcpy(&a[q][r], &dots[q * MR + r], sizeof(V));
+    for (int h = 0; h < H; ++h)
+      for (int r = 0; r < MR; ++r) std::memcpy(&a[q][h][r], reinterpret_cast<float*>(&dots[q * MR + r]) + h * L, sizeof(V));
   for (int64_t j = 0; j < depth; ++j) {
-    V p[P];
-    for (int q = 0; q < P; ++q) std::memcpy(&p[q], panels[q] + j * kPanel, sizeof(V));
+    V p[P][H];
+    for (int q = 0; q < P; ++q)
+      for (int h = 0; h < H; ++h) std::memcpy(&p[q][h], panels[q] + j * kPanel + h * L, sizeof(V));
     for (int r = 0; r < MR; ++r) {
       float xv;
       if constexpr (S == Src::kPacked) {
@@ -59,31 +77,53 @@ static inline void micro_tile(const float* const* rows, float* xp, const float* 
         xv = rows[r][j];
         if constexpr (S == Src::kCopy) xp[j * MR + r] = xv;
       }
-      for (int q = 0; q < P; ++q) a[q][r] += xv * p[q];
+      for (int q = 0; q < P; ++q)
+        for (int h = 0; h < H; ++h) a[q][h][r] += xv * p[q][h];
     }
   }
   for (int q = 0; q < P; ++q)
-    for (int r = 0; r < MR; ++r) std::memcpy(&dots[q * MR + r], &a[q][r], sizeof(V));
+    for (int h = 0; h < H; ++h)
+      for (int r = 0; r < MR; ++r) std::memcpy(reinterpret_cast<float*>(&dots[q * MR + r]) + h * L, &a[q][h][r], sizeof(V));
 }
 
-// The micro-tile for P panels of V vectors, reading its rows as `src` says.
-template <typename V, int P>
+// The micro-tile for P panels of LANES lanes, reading its rows as `src` says.
+template <int LANES, int P>
 static inline void micro_tile(Src src, const float* const* rows, float* xp, const float* const* panels,
                               int64_t depth, v16* dots) {
+  using V = std::conditional_t<LANES == kPanel, vnative, vhalf>;
   switch (src) {
     case Src::kInPlace:
-      return micro_tile<V, P, Src::kInPlace>(rows, xp, panels, depth, dots);
+      return micro_tile<V, LANES, P, Src::kInPlace>(rows, xp, panels, depth, dots);
     case Src::kCopy:
-      return micro_tile<V, P, Src::kCopy>(rows, xp, panels, depth, dots);
+      return micro_tile<V, LANES, P, Src::kCopy>(rows, xp, panels, depth, dots);
     case Src::kPacked:
-      return micro_tile<V, P, Src::kPacked>(rows, xp, panels, depth, dots);
+      return micro_tile<V, LANES, P, Src::kPacked>(rows, xp, panels, depth, dots);
   }
 }
 
+constexpr int kLanes = sizeof(vnative) / sizeof(float);
+typedef int32_t inative __attribute__((vector_size(sizeof(vnative)), aligned(4)));
+
+// Lanes [h * kLanes, (h + 1) * kLanes) of a 16-lane vector as a native one, and back.
+template <typename N, typename W>
+static inline N part(const W& w, int h) {
+  N n;
+  std::memcpy(&n, reinterpret_cast<const char*>(&w) + h * sizeof(N), sizeof(N));
+  return n;
+}
+template <typename N, typename W>
+static inline void set_part(W& w, int h, const N& n) {
+  std::memcpy(reinterpret_cast<char*>(&w) + h * sizeof(N), &n, sizeof(N));
+}
+
 // sq_dist_from_dot (kmeans_common.h), sixteen lanes at a time: the same operations in the same order.
-static inline v16 distances(float x_norm, v16 dots, v16 c_norm) {
-  const v16 dist = (x_norm - 2.0f * dots) + c_norm;
-  return dist > 0.0f ? dist : v16{};
+static inline v16 distances(float x_norm, const v16& dots, const v16& c_norm) {
+  v16 out;
+  for (int h = 0; h < kPanel / kLanes; ++h) {
+    const vnative dist = (x_norm - 2.0f * part<vnative>(dots, h)) + part<vnative>(c_norm, h);
+    set_part(out, h, vnative(dist > 0.0f ? dist : vnative{}));
+  }
+  return out;
 }
 
 // Calls visit(row, panel, distances) for every row of [0, n) and every panel, NP panels at a time within a block
@@ -129,11 +169,11 @@ static inline void for_each_panel(const float* x, int64_t n, const float* x_norm
           float* tile = pack ? xp.data() + r0 * depth : nullptr;
           const Src src = !pack ? Src::kInPlace : p0 == 0 ? Src::kCopy : Src::kPacked;
           if (half) {
-            micro_tile<v8, 1>(src, rows, tile, slices, depth, acc);
+            micro_tile<kPanel / 2, 1>(src, rows, tile, slices, depth, acc);
           } else if (np == NP) {
-            micro_tile<v16, NP>(src, rows, tile, slices, depth, acc);
+            micro_tile<kPanel, NP>(src, rows, tile, slices, depth, acc);
           } else {
-            micro_tile<v16, 1>(src, rows, tile, slices, depth, acc);
+            micro_tile<kPanel, 1>(src, rows, tile, slices, depth, acc);
           }
           // The last slice turns its dots into distances straight from the registers (the only slice when
           // d <= kDepth); earlier slices park partial dots in dots[].
@@ -163,10 +203,13 @@ static void assign_rows(const float* x, int64_t n, const float* x_norm, const Pa
     best[r] = v16{} + INFINITY;
     best_panel[r] = i16v{};
   }
-  for_each_panel(x, n, x_norm, c, [&](int64_t r, int64_t p, v16 dv) {
-    const auto better = dv < best[r];
-    best[r] = better ? dv : best[r];
-    best_panel[r] = better ? (i16v{} + static_cast<int32_t>(p)) : best_panel[r];
+  for_each_panel(x, n, x_norm, c, [&](int64_t r, int64_t p, const v16& dv) {
+    for (int h = 0; h < kPanel / kLanes; ++h) {
+      const vnative d = part<vnative>(dv, h), b = part<vnative>(best[r], h);
+      const inative better = d < b;
+      set_part(best[r], h, vnative(better ? d : b));
+      set_part(best_panel[r], h, inative(better ? inative{} + static_cast<int32_t>(p) : part<inative>(best_panel[r], h)));
+    }
   });
   for (int64_t r = 0; r < n; ++r) {
     ArgMin a = argmin_init();
@@ -181,7 +224,7 @@ static void assign_rows(const float* x, int64_t n, const float* x_norm, const Pa
 
 static void dist_rows(const float* x, int64_t n, const float* x_norm, const PackedCentroids& c, float* out,
                       int64_t ldo) {
-  for_each_panel(x, n, x_norm, c, [&](int64_t r, int64_t p, v16 dv) {
+  for_each_panel(x, n, x_norm, c, [&](int64_t r, int64_t p, const v16& dv) {
     float lanes[kPanel];
     std::memcpy(lanes, &dv, sizeof(lanes));
     std::memcpy(out + r * ldo + p * kPanel, lanes, sizeof(float) * tile_extent(c.k, kPanel, p));
@@ -195,16 +238,24 @@ static void dist_rows(const float* x, int64_t n, const float* x_norm, const Pack
 static void sq_norms(const float* x, int64_t n, int64_t d, float* out) {
   for (int64_t i = 0; i < n; ++i) {
     const float* row = x + i * d;
-    v16 acc{};
+    vnative acc[kPanel / kLanes] = {};
     int64_t t = 0;
     for (; t + kPanel <= d; t += kPanel) {
-      v16 v;
-      std::memcpy(&v, row + t, sizeof(v16));
-      acc += v * v;
+      for (int h = 0; h < kPanel / kLanes; ++h) {
+        vnative v;
+        std::memcpy(&v, row + t + h * kLanes, sizeof(vnative));
+        acc[h] += v * v;
+      }
     }
     float s = 0.0f;
-    for (int lane = 0; lane < kPanel; ++lane) s += acc[lane];
+    for (int lane = 0; lane < kPanel; ++lane) s += acc[lane / kLanes][lane % kLanes];
+    // Fused where the instruction set has it, explicitly: GCC vectorises this loop with rounded products on AVX2
+    // and fuses them on AVX-512, which made the two variants' norms differ in the last bit.
+#if defined(__FMA__)
+    for (; t < d; ++t) s = __builtin_fmaf(row[t], row[t], s);
+#else
     for (; t < d; ++t) s += row[t] * row[t];
+#endif
     out[i] = s;
   }
 }

@@ -187,6 +187,64 @@ def test_cuda_tile_arithmetic_host_instantiation_matches_reference(tile_m, tile_
     torch.testing.assert_close(torch.from_numpy(dist).double(), ref_dist, rtol=1e-4, atol=1e-4)
 
 
+_ISA_SCRIPT = """
+import sys, numpy as np, kclip._C as C
+rng = np.random.default_rng(5)
+out = {"isa": np.array(C.cpu_isa)}
+for d, k in ((19, 7), (576, 100), (1024, 36), (300, 16)):
+    x = rng.standard_normal((1000, d)).astype(np.float32)
+    c = x[rng.choice(1000, k, replace=False)].copy()
+    labels, dist = C.cpu_assign(x, c)
+    out[f"labels{d}"], out[f"dist{d}"], out[f"norms{d}"] = labels, dist, C.cpu_row_sq_norms(x)
+    out[f"soft{d}"] = C.cpu_soft_assign(x, c, 1.0, 0)  # every distance, through dist_rows
+    out[f"sums{d}"] = C.cpu_assign_accumulate(x, c, None)[2]
+    out[f"pp{d}"] = C.cpu_kmeanspp(x, k, 3, 4)
+np.savez(sys.argv[1], **out)
+"""
+
+
+def _isa_run(tmp_path, isa):
+    env = dict(os.environ, KCLIP_CPU_ISA=isa)
+    path = tmp_path / f"{isa or 'default'}.npz"
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, capture_output=True, text=True)
+    return proc, path
+
+
+def test_every_cpu_isa_variant_gives_the_default_results(tmp_path):
+    """The narrower ISA variants (chosen through KCLIP_CPU_ISA) against the one this CPU picks: AVX-512 and AVX2
+    both multiply-add with FMA in the same order, so their bits agree; the generic build rounds each product
+    before the add, so it agrees to rounding. Widths with several slices, the packed width 1024, and a last
+    panel of at most 8 centroids (K = 100, 36, 7) or of exactly 16."""
+    proc, path = _isa_run(tmp_path, "")
+    assert proc.returncode == 0, proc.stderr
+    ref = np.load(path)
+    ran = []
+    for isa in ("avx512", "avx2", "generic"):
+        proc, path = _isa_run(tmp_path, isa)
+        if proc.returncode != 0:
+            assert "this CPU runs" in proc.stderr, proc.stderr  # a variant this CPU cannot run is refused by name
+            continue
+        got = np.load(path)
+        assert str(got["isa"]) == isa
+        ran.append(isa)
+        for key in ref.files:
+            if key == "isa":
+                continue
+            if isa != "generic" and str(ref["isa"]) != "generic":
+                np.testing.assert_array_equal(got[key], ref[key], err_msg=f"{isa} {key}")
+            elif key.startswith(("labels", "pp")):
+                assert (got[key] == ref[key]).mean() >= 0.99, (isa, key)
+            else:
+                np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-3, err_msg=f"{isa} {key}")
+    assert "generic" in ran
+
+
+def test_unknown_cpu_isa_is_refused_by_name(tmp_path):
+    proc, _ = _isa_run(tmp_path, "sse9")
+    assert proc.returncode != 0
+    assert "KCLIP_CPU_ISA='sse9': this CPU runs" in proc.stderr
+
+
 def test_cuda_16bit_tile_rule():
     """128-row tiles (cp.async) only for 16-byte rows and at least two waves of them (4 blocks an SM); 64 otherwise;
     KCLIP_CUDA_TILE_ROWS chooses, and a bad value is refused by name."""
