@@ -14,7 +14,9 @@
 // at D = 576 and at D = 4096 (13.5-13.8 ms, 95 ms), where numpy's OpenBLAS matmul of the same product reaches
 // 140-160. Before the packing below, row widths that are multiples of 1024 fell to 125 (D = 1024: 33.5 -> 29.5
 // ms; D = 4096: 116-137 -> 106-116 ms, interleaved runs); before the in-place reads lost their run-time copy test
-// and the last panel its 8-lane form, D = 576 took 16.3-16.4 ms and D = 4096 102-104 (interleaved runs).
+// and the last panel its 8-lane form, D = 576 took 16.3-16.4 ms and D = 4096 102-104 (interleaved runs). The AVX2
+// variant (KCLIP_CPU_ISA=avx2, or the harness built with -DKCLIP_ISA_NS=avx2 -DKCLIP_MR=6 -DKCLIP_NP=1): 16-18 ms
+// and 105-115 ms on the same cores (129 and 840-930 while its vectors were 16 lanes wide).
 #include <cmath>
 #include <cstring>
 #include <type_traits>
