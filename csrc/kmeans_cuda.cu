@@ -199,6 +199,58 @@ struct SimtMainloop {
   }
 };
 
+// A warp's 32 x 32 quarter of a 16-bit tile as 2 x 2 wmma fragments (16x16x16, fp32 accumulators): the part of
+// the work that WmmaMainloop and AsyncWmmaMainloop share. xs and cs point at the warp's first row of the x slice
+// and of the centroid slice, both row-major [row][k] with row stride ld; c read as a col_major matrix_b is c^T.
+template <typename T>
+struct WarpTile32 {
+  static constexpr int kFrag = 16;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
+  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  FragC acc[2][2];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int fm = 0; fm < 2; ++fm) {
+#pragma unroll
+      for (int fn = 0; fn < 2; ++fn) nvcuda::wmma::fill_fragment(acc[fm][fn], 0.0f);
+    }
+  }
+
+  // acc += x[0:32][0:BK] . c[0:32][0:BK]^T
+  template <int BK>
+  __device__ __forceinline__ void multiply(const T* xs, const T* cs, int ld) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += kFrag) {
+      FragA a[2];
+      FragB b[2];
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        nvcuda::wmma::load_matrix_sync(a[f], xs + f * kFrag * ld + kk, ld);
+        nvcuda::wmma::load_matrix_sync(b[f], cs + f * kFrag * ld + kk, ld);
+      }
+#pragma unroll
+      for (int fm = 0; fm < 2; ++fm) {
+#pragma unroll
+        for (int fn = 0; fn < 2; ++fn) nvcuda::wmma::mma_sync(acc[fm][fn], a[fm], b[fn], acc[fm][fn]);
+      }
+    }
+  }
+
+  // The accumulators into the fp32 tile `out` (the warp's first element, row stride ld).
+  __device__ __forceinline__ void store(float* out, int ld) const {
+#pragma unroll
+    for (int fm = 0; fm < 2; ++fm) {
+#pragma unroll
+      for (int fn = 0; fn < 2; ++fn) {
+        nvcuda::wmma::store_matrix_sync(out + fm * kFrag * ld + fn * kFrag, acc[fm][fn], ld,
+                                        nvcuda::wmma::mem_row_major);
+      }
+    }
+  }
+};
+
 // fp16 / bf16 mainloop: tensor cores through nvcuda::wmma (16x16x16, fp32 accumulators).
 // 64 x 64 tile, kBK = 32, 128 threads = 4 warps as 2 x 2; a warp owns a 32 x 32 quarter, i.e. 2 x 2
 // accumulator fragments. The x and c slices sit row-major in shared memory ([row][k], double-buffered, rows
@@ -215,11 +267,7 @@ struct WmmaMainloop {
   static constexpr int kMinBlocks = 4;  // per SM, i.e. at most 128 registers per thread
   static constexpr int kLdIn = kBK + 8;
   static constexpr int kLdStage = kBN + 8;
-  static constexpr int kFrag = 16;
   using Loader = TileLoader<T, kBM, kBK, kThreads>;
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
-  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
   // wmma needs 32-byte aligned fragment pointers: every fragment origin below is a multiple of 32 bytes.
   struct __align__(32) Smem {
@@ -234,7 +282,7 @@ struct WmmaMainloop {
     float c_norm[kBN];
   };
 
-  FragC acc[2][2];
+  WarpTile32<T> warp_tile;
 
   KCLIP_HD static int thread_row(int tid, int i) { return tid / 8 + 16 * i; }
   KCLIP_HD static int thread_col(int tid, int j) { return tid % 8 + 8 * j; }
@@ -244,7 +292,6 @@ struct WmmaMainloop {
 
   __device__ __forceinline__ void run(Smem& sm, const TileArgs<T>& p, int64_t row0, int64_t rows, int64_t col0,
                                       int64_t cols, int tid) {
-    namespace wmma = nvcuda::wmma;
     const T* xt = p.x + row0 * p.d;
     const T* ct = p.c + col0 * p.d;
     const int64_t steps = tile_count(p.d, kBK);
@@ -257,11 +304,7 @@ struct WmmaMainloop {
     if (tid < kBN) sm.c_norm[tid] = tid < cols ? p.c_norm[col0 + tid] : 0.0f;
     lx.store_rows(sm.u.in.xs[0], tid);
     lc.store_rows(sm.u.in.cs[0], tid);
-#pragma unroll
-    for (int fm = 0; fm < 2; ++fm) {
-#pragma unroll
-      for (int fn = 0; fn < 2; ++fn) wmma::fill_fragment(acc[fm][fn], 0.0f);
-    }
+    warp_tile.zero();
     __syncthreads();
 
     for (int64_t s = 0; s < steps; ++s) {
@@ -271,21 +314,7 @@ struct WmmaMainloop {
         lx.load(xt, rows, p.d, (s + 1) * kBK, p.vec, tid);
         lc.load(ct, cols, p.d, (s + 1) * kBK, p.vec, tid);
       }
-#pragma unroll
-      for (int kk = 0; kk < kBK; kk += kFrag) {
-        FragA a[2];
-        FragB b[2];
-#pragma unroll
-        for (int f = 0; f < 2; ++f) {
-          wmma::load_matrix_sync(a[f], &sm.u.in.xs[buf][wm + f * kFrag][kk], kLdIn);
-          wmma::load_matrix_sync(b[f], &sm.u.in.cs[buf][wn + f * kFrag][kk], kLdIn);
-        }
-#pragma unroll
-        for (int fm = 0; fm < 2; ++fm) {
-#pragma unroll
-          for (int fn = 0; fn < 2; ++fn) wmma::mma_sync(acc[fm][fn], a[fm], b[fn], acc[fm][fn]);
-        }
-      }
+      warp_tile.template multiply<kBK>(&sm.u.in.xs[buf][wm][0], &sm.u.in.cs[buf][wn][0], kLdIn);
       if (more) {  // same buffer discipline as SimtMainloop::run
         lx.store_rows(sm.u.in.xs[buf ^ 1], tid);
         lc.store_rows(sm.u.in.cs[buf ^ 1], tid);
@@ -294,14 +323,7 @@ struct WmmaMainloop {
     }
 
     // The barrier ending the last step retired the slice buffers that the staging tile overwrites.
-#pragma unroll
-    for (int fm = 0; fm < 2; ++fm) {
-#pragma unroll
-      for (int fn = 0; fn < 2; ++fn) {
-        wmma::store_matrix_sync(&sm.u.stage[wm + fm * kFrag][wn + fn * kFrag], acc[fm][fn], kLdStage,
-                                wmma::mem_row_major);
-      }
-    }
+    warp_tile.store(&sm.u.stage[wm][wn], kLdStage);
     __syncthreads();
   }
 };
@@ -337,13 +359,10 @@ struct AsyncWmmaMainloop {
   static constexpr int kMinBlocks = 2;  // per SM, i.e. at most 128 registers per thread
   static constexpr int kLdIn = kBK + 8;
   static constexpr int kLdStage = kBN + 8;
-  static constexpr int kFrag = 16;
+  static constexpr int kFrag = WarpTile32<T>::kFrag;
   // The copy map: the same runs of kVec elements as TileLoader's (each run is 16 bytes of one row).
   using XRuns = TileLoader<T, kBM, kBK, kThreads>;
   using CRuns = TileLoader<T, kBN, kBK, kThreads>;
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
-  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
   struct __align__(32) Smem {
     union {
@@ -362,7 +381,7 @@ struct AsyncWmmaMainloop {
                     kFrag * sizeof(T) % 32 == 0,
                 "wmma fragment origins in the ring must be 32-byte aligned");
 
-  FragC acc[2][2];
+  WarpTile32<T> warp_tile;
 
   KCLIP_HD static int thread_row(int tid, int i) { return tid / 8 + 32 * i; }
   KCLIP_HD static int thread_col(int tid, int j) { return tid % 8 + 8 * j; }
@@ -390,7 +409,6 @@ struct AsyncWmmaMainloop {
 
   __device__ __forceinline__ void run(Smem& sm, const TileArgs<T>& p, int64_t row0, int64_t rows, int64_t col0,
                                       int64_t cols, int tid) {
-    namespace wmma = nvcuda::wmma;
     const T* xt = p.x + row0 * p.d;
     const T* ct = p.c + col0 * p.d;
     const int64_t steps = tile_count(p.d, kBK);
@@ -403,11 +421,7 @@ struct AsyncWmmaMainloop {
       if (s < steps) issue(sm, s, xt, rows, ct, cols, p.d, s * kBK, tid);
       cp_async_commit();
     }
-#pragma unroll
-    for (int fm = 0; fm < 2; ++fm) {
-#pragma unroll
-      for (int fn = 0; fn < 2; ++fn) wmma::fill_fragment(acc[fm][fn], 0.0f);
-    }
+    warp_tile.zero();
 
     for (int64_t s = 0; s < steps; ++s) {
       cp_async_wait<kStages - 2>();
@@ -416,34 +430,13 @@ struct AsyncWmmaMainloop {
       if (next < steps) issue(sm, static_cast<int>(next % kStages), xt, rows, ct, cols, p.d, next * kBK, tid);
       cp_async_commit();
       const int buf = static_cast<int>(s % kStages);
-#pragma unroll
-      for (int kk = 0; kk < kBK; kk += kFrag) {
-        FragA a[2];
-        FragB b[2];
-#pragma unroll
-        for (int f = 0; f < 2; ++f) {
-          wmma::load_matrix_sync(a[f], &sm.u.in.xs[buf][wm + f * kFrag][kk], kLdIn);
-          wmma::load_matrix_sync(b[f], &sm.u.in.cs[buf][wn + f * kFrag][kk], kLdIn);
-        }
-#pragma unroll
-        for (int fm = 0; fm < 2; ++fm) {
-#pragma unroll
-          for (int fn = 0; fn < 2; ++fn) wmma::mma_sync(acc[fm][fn], a[fm], b[fn], acc[fm][fn]);
-        }
-      }
+      warp_tile.template multiply<kBK>(&sm.u.in.xs[buf][wm][0], &sm.u.in.cs[buf][wn][0], kLdIn);
     }
 
     // Only empty groups can be in flight now; the barrier retires the ring that the staging tile overwrites.
     cp_async_wait<0>();
     __syncthreads();
-#pragma unroll
-    for (int fm = 0; fm < 2; ++fm) {
-#pragma unroll
-      for (int fn = 0; fn < 2; ++fn) {
-        wmma::store_matrix_sync(&sm.u.stage[wm + fm * kFrag][wn + fn * kFrag], acc[fm][fn], kLdStage,
-                                wmma::mem_row_major);
-      }
-    }
+    warp_tile.store(&sm.u.stage[wm][wn], kLdStage);
     __syncthreads();
   }
 };
