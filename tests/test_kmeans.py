@@ -206,7 +206,10 @@ np.savez(sys.argv[1], **out)
 def _isa_run(tmp_path, isa):
     env = dict(os.environ, KCLIP_CPU_ISA=isa)
     path = tmp_path / f"{isa or 'default'}.npz"
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, capture_output=True, text=True)
+    # cwd: away from the checkout, whose kclip/ (without _C where the package is installed) would shadow it
+    proc = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     return proc, path
 
 
