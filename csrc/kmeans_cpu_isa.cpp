@@ -47,6 +47,18 @@ constexpr int NP = KCLIP_NP;
 constexpr int64_t kRows = 192;   // rows per block (a multiple of every MR)
 constexpr int64_t kDepth = 256;  // coordinates per slice: a 16 KB panel slice
 
+// Part h of a wider vector w as a vector N (lanes [h * lanes(N), (h + 1) * lanes(N))), and back.
+template <typename N, typename W>
+static inline N part(const W& w, int h) {
+  N n;
+  std::memcpy(&n, reinterpret_cast<const char*>(&w) + h * sizeof(N), sizeof(N));
+  return n;
+}
+template <typename N, typename W>
+static inline void set_part(W& w, int h, const N& n) {
+  std::memcpy(reinterpret_cast<char*>(&w) + h * sizeof(N), &n, sizeof(N));
+}
+
 // Where a micro-tile reads its rows: in place through MR row pointers (kInPlace), the same while copying them
 // coordinate-major to xp[j * MR + r] (kCopy), or from that copy (kPacked), so that the later panels of a slice
 // read one stream instead of MR. kInPlace is apart from kCopy so its loads fold into the broadcasts (with a
@@ -66,7 +78,7 @@ static inline void micro_tile(const float* const* rows, float* xp, const float* 
   V a[P][H][MR];
   for (int q = 0; q < P; ++q)
     for (int h = 0; h < H; ++h)
-      for (int r = 0; r < MR; ++r) std::memcpy(&a[q][h][r], reinterpret_cast<float*>(&dots[q * MR + r]) + h * L, sizeof(V));
+      for (int r = 0; r < MR; ++r) a[q][h][r] = part<V>(dots[q * MR + r], h);
   for (int64_t j = 0; j < depth; ++j) {
     V p[P][H];
     for (int q = 0; q < P; ++q)
@@ -85,7 +97,7 @@ static inline void micro_tile(const float* const* rows, float* xp, const float* 
   }
   for (int q = 0; q < P; ++q)
     for (int h = 0; h < H; ++h)
-      for (int r = 0; r < MR; ++r) std::memcpy(reinterpret_cast<float*>(&dots[q * MR + r]) + h * L, &a[q][h][r], sizeof(V));
+      for (int r = 0; r < MR; ++r) set_part(dots[q * MR + r], h, a[q][h][r]);
 }
 
 // The micro-tile for P panels of LANES lanes, reading its rows as `src` says.
@@ -105,18 +117,6 @@ static inline void micro_tile(Src src, const float* const* rows, float* xp, cons
 
 constexpr int kLanes = sizeof(vnative) / sizeof(float);
 typedef int32_t inative __attribute__((vector_size(sizeof(vnative)), aligned(4)));
-
-// Lanes [h * kLanes, (h + 1) * kLanes) of a 16-lane vector as a native one, and back.
-template <typename N, typename W>
-static inline N part(const W& w, int h) {
-  N n;
-  std::memcpy(&n, reinterpret_cast<const char*>(&w) + h * sizeof(N), sizeof(N));
-  return n;
-}
-template <typename N, typename W>
-static inline void set_part(W& w, int h, const N& n) {
-  std::memcpy(reinterpret_cast<char*>(&w) + h * sizeof(N), &n, sizeof(N));
-}
 
 // sq_dist_from_dot (kmeans_common.h), sixteen lanes at a time: the same operations in the same order.
 static inline v16 distances(float x_norm, const v16& dots, const v16& c_norm) {
@@ -210,7 +210,8 @@ static void assign_rows(const float* x, int64_t n, const float* x_norm, const Pa
       const vnative d = part<vnative>(dv, h), b = part<vnative>(best[r], h);
       const inative better = d < b;
       set_part(best[r], h, vnative(better ? d : b));
-      set_part(best_panel[r], h, inative(better ? inative{} + static_cast<int32_t>(p) : part<inative>(best_panel[r], h)));
+      const inative panel = inative{} + static_cast<int32_t>(p);
+      set_part(best_panel[r], h, inative(better ? panel : part<inative>(best_panel[r], h)));
     }
   });
   for (int64_t r = 0; r < n; ++r) {

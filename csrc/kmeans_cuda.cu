@@ -389,22 +389,24 @@ struct AsyncWmmaMainloop {
     return sm.u.stage[thread_row(tid, i)][thread_col(tid, j)];
   }
 
-  // Slice [k0, k0 + kBK) of the block's x rows and of the centroid tile into ring buffer `buf`. With vec, d is a
-  // multiple of kVec, so a run is wholly inside the row or wholly past it.
+  // Slice [k0, k0 + kBK) of `rows` rows of src ([rows, d]) into dst, by the runs Runs maps to this thread. With
+  // vec, d is a multiple of the run, so a run is wholly inside the row or wholly past it (zero-filled).
+  template <class Runs>
+  __device__ __forceinline__ static void issue_rows(T (*dst)[kLdIn], const T* src, int64_t rows, int64_t d,
+                                                    int64_t k0, int tid) {
+#pragma unroll
+    for (int r = 0; r < Runs::kPerThread; ++r) {
+      const int rr = Runs::row(tid, r), cc = Runs::col(tid, r);
+      const bool in = rr < rows && k0 + cc < d;
+      cp_async16(&dst[rr][cc], in ? src + rr * d + k0 + cc : src, in);
+    }
+  }
+
+  // Slice [k0, k0 + kBK) of the block's x rows and of the centroid tile into ring buffer `buf`.
   __device__ __forceinline__ static void issue(Smem& sm, int buf, const T* xt, int64_t rows, const T* ct,
                                                int64_t cols, int64_t d, int64_t k0, int tid) {
-#pragma unroll
-    for (int r = 0; r < XRuns::kPerThread; ++r) {
-      const int rr = XRuns::row(tid, r), cc = XRuns::col(tid, r);
-      const bool in = rr < rows && k0 + cc < d;
-      cp_async16(&sm.u.in.xs[buf][rr][cc], in ? xt + rr * d + k0 + cc : xt, in);
-    }
-#pragma unroll
-    for (int r = 0; r < CRuns::kPerThread; ++r) {
-      const int rr = CRuns::row(tid, r), cc = CRuns::col(tid, r);
-      const bool in = rr < cols && k0 + cc < d;
-      cp_async16(&sm.u.in.cs[buf][rr][cc], in ? ct + rr * d + k0 + cc : ct, in);
-    }
+    issue_rows<XRuns>(sm.u.in.xs[buf], xt, rows, d, k0, tid);
+    issue_rows<CRuns>(sm.u.in.cs[buf], ct, cols, d, k0, tid);
   }
 
   __device__ __forceinline__ void run(Smem& sm, const TileArgs<T>& p, int64_t row0, int64_t rows, int64_t col0,

@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "kmeans_common.h"
+
 namespace kclip::cuda {
 
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
@@ -36,7 +38,7 @@ inline int wmma_tile_rows(int64_t n, bool vec, int sms, const std::string& force
   }
   if (!vec || forced == "64") return 64;
   if (forced == "128") return 128;
-  return (n + 127) / 128 >= 4 * static_cast<int64_t>(sms > 0 ? sms : 1) ? 128 : 64;
+  return tile_count(n, 128) >= 4 * static_cast<int64_t>(sms > 0 ? sms : 1) ? 128 : 64;
 }
 
 // Nearest centroid of every row of x.
