@@ -11,8 +11,8 @@
 // so results are reproducible.
 //
 // Measured on 2 Zen 4 cores (bench/kmeans_cpu_harness.cpp: assign_rows over 20k rows, K = 100): about 170 GFLOP/s
-// at D = 576 and at D = 4096 (13.5-13.8 ms, 95 ms), where numpy's OpenBLAS matmul of the same product reaches
-// 140-160. Before the packing below, row widths that are multiples of 1024 fell to 125 (D = 1024: 33.5 -> 29.5
+// at D = 576 and at D = 4096 (13.5-13.8 ms, 93-95 ms), where numpy's OpenBLAS matmul of the same product reached
+// 137-142 at D = 576 (x @ c.T, timed in turn with the C calls). Before the packing below, row widths that are multiples of 1024 fell to 125 (D = 1024: 33.5 -> 29.5
 // ms; D = 4096: 116-137 -> 106-116 ms, interleaved runs); before the in-place reads lost their run-time copy test
 // and the last panel its 8-lane form, D = 576 took 16.3-16.4 ms and D = 4096 102-104 (interleaved runs). The AVX2
 // variant (KCLIP_CPU_ISA=avx2, or the harness built with -DKCLIP_ISA_NS=avx2 -DKCLIP_MR=6 -DKCLIP_NP=1): 16-18 ms
